@@ -1,0 +1,30 @@
+# kron: `make test` and (later) `make demo` set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kron-installed
+
+.PHONY: setup test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)  ## the default suite (fast; slow end-to-end tests excluded)
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)  ## every test, slow ones included
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check kron tests
+
+bench: $(STAMP)  ## the layer benchmark table (CPU, and CUDA when present)
+	$(PY) -m kron.bench layers
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
