@@ -1,0 +1,315 @@
+"""CASIA-HWDB handwritten Chinese characters: the `.gnt` -> HDF5 converter and the loader.
+
+HDF5 layout (one group per split, any number of splits per file):
+`/{split}/x` uint8 (N, 1, S, S), background 255; `/{split}/y` int64 (N,);
+`/{split}/codes` uint16 (K,), label -> GB2312 code; `/{split}/chars` (K,) UTF-8 strings;
+attribute `label_set`: `gb2312-level1` (the standard 3,755 classes, label = position in code
+order) or `all` (every code seen, sorted; shared by all `all` splits of the file).
+
+Command line:
+`python -m kron.data.hwdb convert --split NAME --out FILE.h5 [--size S] GNT_FILE_OR_DIR...`
+`python -m kron.data.hwdb info FILE.h5`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .errors import DatasetError, corrupt, missing
+from .fileio import atomic_path
+from .gnt import GntError, code_to_char, iter_gnt, level1_codes, level1_label
+
+LEVEL1, ALL = "gb2312-level1", "all"
+WHAT = "CASIA-HWDB"
+CONVERT_HINT = (
+    "Download the CASIA-HWDB .gnt archives and convert them with "
+    "`python -m kron.data.hwdb convert --split train --out {path} GNT_DIR`"
+)
+
+
+def normalise(bitmap: np.ndarray, size: int) -> np.ndarray:
+    """Pad an (h, w) bitmap to a centred square with background 255, then resize to size x size.
+
+    Keeps the aspect ratio; a bitmap that already is size x size is returned unchanged.
+    """
+    h, w = bitmap.shape
+    side = max(h, w)
+    if side != h or side != w:
+        square = np.full((side, side), 255, dtype=np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = bitmap
+        bitmap = square
+    if side != size:
+        img = Image.fromarray(bitmap, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+        bitmap = np.asarray(img)
+    return bitmap
+
+
+def find_gnt_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (searched recursively, sorted) into the list of `.gnt` files."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() == ".gnt" and q.is_file())
+            if not found:
+                raise missing(WHAT, p / "*.gnt", "Extract the HWDB .gnt archives into it")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise missing(WHAT, p, "Give existing .gnt files or folders holding them")
+    return files
+
+
+@dataclass
+class ConvertStats:
+    """What a conversion kept and dropped."""
+
+    written: int = 0
+    dropped_classes: int = 0  # records outside the kept label set
+    skipped_corrupt: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def convert(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    split: str,
+    size: int = 64,
+    all_classes: bool = False,
+    skip_corrupt: bool = False,
+    progress: bool = True,
+    block: int = 1024,
+) -> ConvertStats:
+    """Stream `.gnt` files into group `split` of HDF5 file `out` (added, or replaced if present).
+
+    Writes a temporary file beside `out` (copying the other splits of an existing `out`) and
+    renames it into place at the end, so `out` is never half-written.
+    """
+    if not split or "/" in split:
+        raise DatasetError(f"{WHAT}: bad split name {split!r}; use a plain name like train.")
+    if size < 1:
+        raise DatasetError(f"{WHAT}: --size must be positive, got {size}.")
+    files = find_gnt_files(inputs)
+    out = Path(out)
+    stats = ConvertStats(files=[str(f) for f in files])
+    total = sum(f.stat().st_size for f in files)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as dst:
+        if out.exists():
+            _copy_other_splits(out, dst, split)
+        grp = dst.create_group(split)
+        x = grp.create_dataset(
+            "x", shape=(0, 1, size, size), maxshape=(None, 1, size, size), dtype=np.uint8,
+            chunks=(1, 1, size, size),
+        )
+        codes: list[int] = []
+        buf: list[np.ndarray] = []
+
+        def flush() -> None:
+            if buf:
+                n = x.shape[0]
+                x.resize(n + len(buf), axis=0)
+                x[n:] = np.stack(buf)[:, None]
+                buf.clear()
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{split}", disable=not progress)
+        for path in files:
+            done = 0
+            for rec in iter_gnt(path, skip_corrupt):
+                if isinstance(rec, GntError):
+                    stats.skipped_corrupt += 1
+                    continue
+                bar.update(rec.offset - done)
+                done = rec.offset
+                if not all_classes and level1_label(rec.code) is None:
+                    stats.dropped_classes += 1
+                    continue
+                codes.append(rec.code)
+                buf.append(normalise(rec.bitmap, size))
+                if len(buf) >= block:
+                    flush()
+            bar.update(path.stat().st_size - done)
+        flush()
+        bar.close()
+        stats.written = x.shape[0]
+        _write_labels(dst, split, np.asarray(codes, dtype=np.int64), all_classes)
+        grp.attrs["size"] = size
+        grp.attrs["sources"] = [os.path.basename(f) for f in stats.files]
+        grp.attrs["skipped_corrupt"] = stats.skipped_corrupt
+        grp.attrs["dropped_classes"] = stats.dropped_classes
+    return stats
+
+
+def _copy_other_splits(out: Path, dst: h5py.File, split: str) -> None:
+    try:
+        with h5py.File(out, "r") as src:
+            for name in src:
+                if name != split:
+                    src.copy(src[name], dst, name=name)
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+    except OSError as err:
+        raise corrupt(WHAT, out, err, "Delete it or give a new --out path") from None
+
+
+def _write_labels(dst: h5py.File, split: str, codes: np.ndarray, all_classes: bool) -> None:
+    """Write y and the label table of `split`; `all` splits of the file share one table."""
+    if not all_classes:
+        table = level1_codes().astype(np.int64)
+        _store(dst[split], np.searchsorted(table, codes), table, LEVEL1)
+        return
+    others = [n for n in dst if n != split and dst[n].attrs.get("label_set") == ALL]
+    old = {n: dst[n]["codes"][:].astype(np.int64) for n in others}
+    table = np.unique(np.concatenate([codes, *old.values()]))
+    for name in others:
+        y = old[name][dst[name]["y"][:]]  # labels -> codes under the old table
+        for key in ("y", "codes", "chars"):
+            del dst[name][key]
+        _store(dst[name], np.searchsorted(table, y), table, ALL)
+    _store(dst[split], np.searchsorted(table, codes), table, ALL)
+
+
+def _store(grp: h5py.Group, y: np.ndarray, table: np.ndarray, label_set: str) -> None:
+    grp.create_dataset("y", data=y.astype(np.int64))
+    grp.create_dataset("codes", data=table.astype(np.uint16))
+    chars = [code_to_char(int(c)) for c in table]
+    grp.create_dataset("chars", data=chars, dtype=h5py.string_dtype("utf-8"))
+    grp.attrs["label_set"] = label_set
+
+
+class HWDB(Dataset):
+    """One split of a converted CASIA-HWDB HDF5 file; items are (uint8 (1, S, S), label).
+
+    `.classes[label]` is the character; `.codes[label]` its GB2312 code. The file is opened
+    lazily, once per process, so each DataLoader worker gets its own h5py handle (handles must
+    not cross a fork).
+    """
+
+    def __init__(
+        self, path: str | Path, split: str = "train", transform: Callable | None = None
+    ) -> None:
+        self.path, self.split, self.transform = Path(path), split, transform
+        if not self.path.is_file():
+            raise missing(WHAT, self.path, CONVERT_HINT.format(path=self.path))
+        try:
+            with h5py.File(self.path, "r") as f:
+                if split not in f:
+                    raise DatasetError(
+                        f"{WHAT}: {self.path} has no split {split!r} (it has "
+                        f"{sorted(f.keys())}). Add it with `python -m kron.data.hwdb convert "
+                        f"--split {split} --out {self.path} GNT_DIR` (see data/README.md)."
+                    )
+                grp = f[split]
+                x = grp["x"]
+                self.targets = torch.from_numpy(grp["y"][:].astype(np.int64))
+                self.codes = grp["codes"][:].astype(np.int64).tolist()
+                self.label_set = str(grp.attrs.get("label_set", LEVEL1))
+                shape, dtype = x.shape, x.dtype
+        except DatasetError:
+            raise
+        except (OSError, KeyError, ValueError) as err:
+            raise corrupt(WHAT, self.path, err, "Re-run the converter") from None
+        if len(shape) != 4 or shape[1] != 1 or shape[2] != shape[3] or dtype != np.uint8:
+            raise corrupt(WHAT, self.path, f"/{split}/x is {dtype} {shape}, not uint8 (N,1,S,S)")
+        if shape[0] != len(self.targets):
+            raise corrupt(WHAT, self.path, f"{shape[0]} images but {len(self.targets)} labels")
+        if len(self.targets) and int(self.targets.max()) >= len(self.codes):
+            raise corrupt(WHAT, self.path, "labels beyond the stored label table")
+        self.classes = [code_to_char(c) for c in self.codes]
+        self.size = shape[2]
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _images(self) -> h5py.Dataset:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file[self.split]["x"]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            img = torch.from_numpy(self._images()[index])
+        except (OSError, KeyError) as err:
+            raise corrupt(WHAT, self.path, err, "Re-run the converter") from None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+def info(path: str | Path) -> str:
+    """One line per split: count, image size, label set and class count."""
+    lines = []
+    for name in _splits(path):
+        ds = HWDB(path, name)
+        lines.append(
+            f"{name}: {len(ds)} images {ds.size}x{ds.size}, label set {ds.label_set}, "
+            f"{len(ds.classes)} classes"
+        )
+    return "\n".join(lines)
+
+
+def _splits(path: str | Path) -> list[str]:
+    if not Path(path).is_file():
+        raise missing(WHAT, path, CONVERT_HINT.format(path=path))
+    try:
+        with h5py.File(path, "r") as f:
+            return sorted(f.keys())
+    except OSError as err:
+        raise corrupt(WHAT, path, err, "Re-run the converter") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kron.data.hwdb", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert .gnt files into one split of an HDF5 file")
+    c.add_argument("--split", required=True, help="group name, e.g. train or test")
+    c.add_argument("--out", required=True, help="HDF5 file to create or update")
+    c.add_argument("--size", type=int, default=64, help="side of the square images (64)")
+    c.add_argument("--all-classes", action="store_true",
+                   help="keep every tag code, not only the 3,755 GB2312 level-1 characters")
+    c.add_argument("--skip-corrupt", action="store_true",
+                   help="skip malformed records (counted) instead of stopping")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("inputs", nargs="+", metavar="GNT_FILE_OR_DIR")
+    i = sub.add_parser("info", help="describe the splits of a converted HDF5 file")
+    i.add_argument("path")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            print(info(args.path))
+            return 0
+        stats = convert(args.inputs, args.out, args.split, args.size, args.all_classes,
+                        args.skip_corrupt, progress=not args.no_progress)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}:/{args.split}: wrote {stats.written} images from {len(stats.files)} "
+          f"files; dropped {stats.dropped_classes} outside the label set; skipped "
+          f"{stats.skipped_corrupt} corrupt records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Writers of small, valid files in each dataset's real on-disk format, and synthetic SVHN.
+
+Tests use the writers to drive the real loaders and the converter end to end; `data=synth_svhn`
+uses `ensure_synth_svhn` to create its default dataset on first use. Every file is written to
+a temporary name in its folder and renamed into place.
+
+Command line:
+`python -m kron.data.synthetic svhn --out DIR --n-train N --n-test N --seed S`
+`python -m kron.data.synthetic gnt --out FILE.gnt --n N --seed S`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from .fileio import atomic_path
+from .gnt import char_to_code, encode_record, level1_codes
+from .scenetext import CHARS74K_SUBDIR
+from .svhn import svhn_file
+from .synth_svhn import render_split
+
+SYNTH_META = "synth_svhn.json"
+_PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP"}
+
+
+def write_svhn_mat(path: str | Path, images: np.ndarray, labels: Sequence[int]) -> Path:
+    """Write an SVHN `.mat`: `images` uint8 (N, 3, 32, 32), `labels` 0..9 (stored as 1..10)."""
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
+        raise ValueError(f"images must be (N, 3, 32, 32), got {images.shape}")
+    y = np.asarray(labels, dtype=np.uint8).reshape(-1, 1).copy()
+    y[y == 0] = 10
+    x = np.ascontiguousarray(images.transpose(2, 3, 1, 0))  # (32, 32, 3, N) as in the real file
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        scipy.io.savemat(f, {"X": x, "y": y}, format="5")
+    return Path(path)
+
+
+def write_svhn(root: str | Path, split: str, images: np.ndarray, labels: Sequence[int]) -> Path:
+    """Write split `split` where `SVHN(root, split)` reads it: `root/{split}_32x32.mat`."""
+    return write_svhn_mat(svhn_file(root, split), images, labels)
+
+
+def write_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
+                     seed: int = 0) -> Path:
+    """Render synthetic SVHN train and test splits into `root` as real SVHN `.mat` files."""
+    root = Path(root)
+    for index, (split, n) in enumerate((("train", n_train), ("test", n_test))):
+        images, labels = render_split(n, seed, index)
+        write_svhn(root, split, images.transpose(0, 3, 1, 2), labels)
+    meta = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 1}
+    with atomic_path(root / SYNTH_META) as tmp:
+        tmp.write_text(json.dumps(meta))
+    return root
+
+
+def ensure_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
+                      seed: int = 0) -> Path:
+    """Make sure `root` holds synthetic SVHN for these settings, rendering it if not.
+
+    A small `synth_svhn.json` records the settings, so changing them regenerates the files.
+    """
+    root = Path(root)
+    meta_path = root / SYNTH_META
+    want = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 1}
+    files = [svhn_file(root, s) for s in ("train", "test")]
+    if meta_path.is_file() and all(f.is_file() for f in files):
+        try:
+            if json.loads(meta_path.read_text()) == want:
+                return root
+        except json.JSONDecodeError:
+            pass
+    return write_synth_svhn(root, n_train, n_test, seed)
+
+
+def write_gnt(path: str | Path, records: Iterable[tuple[str | int, np.ndarray]]) -> Path:
+    """Write a CASIA-HWDB `.gnt` from (character or 2-byte GB2312 code, (h, w) uint8 bitmap)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for char, bitmap in records:
+            code = char_to_code(char) if isinstance(char, str) else int(char)
+            f.write(encode_record(code, bitmap))
+    return Path(path)
+
+
+def random_gnt_records(n: int, seed: int = 0, max_side: int = 80
+                       ) -> list[tuple[int, np.ndarray]]:
+    """`n` records with random level-1 codes and random-sized, random-ink bitmaps."""
+    rng = np.random.default_rng(seed)
+    codes = level1_codes()
+    out = []
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(8, max_side + 1, 2))
+        bitmap = np.where(rng.random((h, w)) < 0.2, rng.integers(0, 200, (h, w)), 255)
+        out.append((int(codes[rng.integers(len(codes))]), bitmap.astype(np.uint8)))
+    return out
+
+
+def write_image(path: str | Path, image: np.ndarray) -> Path:
+    """Write one uint8 image given as (H, W, 3) or (H, W); the format follows the extension."""
+    path = Path(path)
+    fmt = _PIL_FORMAT[path.suffix.lower().lstrip(".")]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format=fmt)
+    return path
+
+
+def write_icdar03(root: str | Path, samples: Sequence[tuple[np.ndarray, str]],
+                  ext: str = "jpg") -> Path:
+    """Write ICDAR 2003 character crops: `root/char/<k>/<i>.<ext>` and `root/char.xml`.
+
+    `samples` are (uint8 (H, W, 3) image, tag); tags may include punctuation, which the loader
+    drops, as in the real set.
+    """
+    root = Path(root)
+    top = ET.Element("imagelist")
+    for i, (image, tag) in enumerate(samples, start=1):
+        rel = f"char/{(i - 1) // 1000 + 1}/{i}.{ext}"
+        write_image(root / rel, image)
+        ET.SubElement(top, "image", file=rel, tag=tag)
+    with atomic_path(root / "char.xml") as tmp:
+        ET.ElementTree(top).write(tmp, encoding="utf-8", xml_declaration=True)
+    return root
+
+
+def write_chars74k(root: str | Path, samples: Mapping[int, Sequence[np.ndarray]],
+                   ext: str = "png") -> Path:
+    """Write Chars74K English images: `root/English/Img/GoodImg/Bmp/SampleNNN/imgNNN-MMMMM`.
+
+    `samples` maps a class index 0..61 (0-9, A-Z, a-z) to its images; all 62 folders are made.
+    """
+    base = Path(root) / CHARS74K_SUBDIR
+    for k in range(62):
+        folder = base / f"Sample{k + 1:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(samples.get(k, ()), start=1):
+            write_image(folder / f"img{k + 1:03d}-{j:05d}.{ext}", image)
+    return Path(root)
+
+
+def write_imagenet(root: str | Path, split: str, samples: Mapping[str, Sequence[np.ndarray]],
+                   ext: str = "JPEG") -> Path:
+    """Write ImageNet class folders `root/{split}/<wnid>/<wnid>_<i>.<ext>`."""
+    for wnid, images in samples.items():
+        for i, image in enumerate(images, start=1):
+            write_image(Path(root) / split / wnid / f"{wnid}_{i}.{ext}", image)
+    return Path(root)
+
+
+def write_imagenet_flat_val(root: str | Path, devkit: str | Path,
+                            samples: Sequence[tuple[np.ndarray, str]],
+                            wnids: Sequence[str], ext: str = "JPEG") -> Path:
+    """Write a flat `root/val/ILSVRC2012_val_%08d` folder and a devkit for it.
+
+    The devkit has `data/meta.mat` (synsets: ILSVRC2012_ID 1.. for `wnids`, in order) and
+    `data/ILSVRC2012_validation_ground_truth.txt` (one ID per image), as the real one.
+    """
+    ids = {w: i for i, w in enumerate(wnids, start=1)}
+    for i, (image, _) in enumerate(samples, start=1):
+        write_image(Path(root) / "val" / f"ILSVRC2012_val_{i:08d}.{ext}", image)
+    data = Path(devkit) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    synsets = np.array([(np.uint16(i), w, f"class {w}", np.uint16(0)) for w, i in ids.items()],
+                       dtype=dtype)
+    with atomic_path(data / "meta.mat") as tmp, open(tmp, "wb") as f:
+        scipy.io.savemat(f, {"synsets": synsets})
+    with atomic_path(data / "ILSVRC2012_validation_ground_truth.txt") as tmp:
+        tmp.write_text("".join(f"{ids[w]}\n" for _, w in samples))
+    return Path(root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kron.data.synthetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("svhn", help="render synthetic SVHN as real SVHN .mat files")
+    s.add_argument("--out", required=True, help="folder for train_32x32.mat and test_32x32.mat")
+    s.add_argument("--n-train", type=int, default=6000)
+    s.add_argument("--n-test", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("gnt", help="write a .gnt of random level-1 characters and bitmaps")
+    g.add_argument("--out", required=True)
+    g.add_argument("--n", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.command == "svhn":
+        write_synth_svhn(args.out, args.n_train, args.n_test, args.seed)
+        what = f"{args.n_train} train + {args.n_test} test images into {args.out}"
+    else:
+        write_gnt(args.out, random_gnt_records(args.n, args.seed))
+        what = f"{args.n} records into {args.out}"
+    print(f"wrote {what} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
