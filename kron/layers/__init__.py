@@ -1,0 +1,17 @@
+"""Kronecker-factored layers and the low-rank baselines they generalise."""
+
+from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
+from kron.layers.kronecker import KronConv2d, KronLinear
+from kron.layers.shapes import Factorization, choose_terms, factorizations, kron_term_shapes
+
+__all__ = [
+    "KronLinear",
+    "KronConv2d",
+    "Factorization",
+    "factorizations",
+    "kron_term_shapes",
+    "choose_terms",
+    "nearest_kronecker",
+    "fit_kronecker_sum",
+    "kron_compose",
+]
