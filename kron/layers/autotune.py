@@ -8,11 +8,11 @@ rest of the process.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Hashable
 
 import torch
+
+from kron.timing import median_times
 
 _CACHE: dict[Hashable, str] = {}
 
@@ -27,33 +27,6 @@ def cached_choice(key: Hashable) -> str | None:
     return _CACHE.get(key)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternating(
-    candidates: dict[str, Callable[[], object]],
-    device: torch.device,
-    warmup: int = 2,
-    repeats: int = 5,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, run alternately after ``warmup`` calls each."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def choose(
     key: Hashable,
     candidates: dict[str, Callable[[], object]],
@@ -64,7 +37,7 @@ def choose(
     """The fastest candidate's name for ``key``: measured on first call, cached afterwards."""
     choice = _CACHE.get(key)
     if choice is None:
-        times = time_alternating(candidates, device, warmup=warmup, repeats=repeats)
+        times = median_times(candidates, device, warmup=warmup, repeats=repeats)
         choice = min(times, key=times.__getitem__)
         _CACHE[key] = choice
     return choice

@@ -49,7 +49,9 @@ def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[in
     """
     dims = tuple(int(d) for d in dims)
     if isinstance(terms, (str, bytes)) or len(terms) == 0:
-        raise ValueError(f"{layer}{dims}: terms must be a non-empty list of A shapes, got {terms!r}")
+        raise ValueError(
+            f"{layer}{dims}: terms must be a non-empty list of A shapes, got {terms!r}"
+        )
     out: list[Shape] = []
     for term in terms:
         try:
