@@ -1,0 +1,14 @@
+"""The low-rank baselines that Kronecker layers are compared with (DESIGN.md section 3).
+
+- ``LowRankLinear``: ``W = U V`` (SVD fit).
+- ``SeparableConv2d``: Jaderberg et al. 2014, scheme 2 (SVD fit).
+- ``CPConv2d``: Lebedev et al. 2015 (CP-ALS fit).
+- ``TuckerConv2d``: Kim et al. 2016, Tucker-2 (HOSVD fit).
+"""
+
+from kron.layers.cp import CPConv2d
+from kron.layers.lowrank_linear import LowRankLinear
+from kron.layers.separable import SeparableConv2d
+from kron.layers.tucker import TuckerConv2d
+
+__all__ = ["CPConv2d", "LowRankLinear", "SeparableConv2d", "TuckerConv2d"]

@@ -1,0 +1,428 @@
+"""Low-rank baselines: exactness, optimal fits, init variance, gradients, MAC counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kron.layers.cp import CPConv2d, cp_max_rank
+from kron.layers.cp_als import cp_als, cp_exact, cp_to_tensor
+from kron.layers.lowrank import LowRankLinear, SeparableConv2d, TuckerConv2d
+
+F64 = torch.float64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (kernel_size, stride, padding, dilation): square and non-square, strided, padded, dilated.
+GEOMETRIES = [
+    ((3, 3), 1, 1, 1),
+    ((3, 5), (2, 1), (1, 2), 1),
+    ((2, 3), 1, 0, (2, 1)),
+    ((5, 3), (1, 2), (2, 0), (1, 2)),
+    ((1, 1), 2, 0, 1),
+    ((3, 3), 1, "same", 2),
+    ((4, 2), 3, "valid", 1),
+]
+CONV_LAYERS = ["separable", "cp", "tucker"]
+
+
+def count_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs of one forward as FlopCounterMode sees them (same semantics as kron.measure)."""
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() // 2
+
+
+def make_conv(kind: str, c: int, f: int, kernel, rank: int = 3, **kwargs) -> nn.Module:
+    if kind == "separable":
+        return SeparableConv2d(c, f, kernel, rank, **kwargs)
+    if kind == "cp":
+        return CPConv2d(c, f, kernel, rank, **kwargs)
+    return TuckerConv2d(c, f, kernel, (min(rank, c), min(rank + 1, f)), **kwargs)
+
+
+def dense_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(
+        x, layer.dense_weight(), layer.bias, layer.stride, layer.padding, layer.dilation
+    )
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+
+def rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).detach().norm() / exact.detach().norm())
+
+
+# --- forward equals the dense op on dense_weight() ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12), (12,)])
+def test_lowrank_linear_forward(dtype, bias, shape):
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 7, 4, bias=bias, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype)
+    torch.testing.assert_close(
+        layer(x), F.linear(x, layer.dense_weight(), layer.bias), **tol(dtype)
+    )
+    assert layer.dense_weight().shape == (7, 12)
+
+
+@pytest.mark.parametrize("kind", CONV_LAYERS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_forward(kind, geometry, dtype, bias):
+    torch.manual_seed(0)
+    kernel, stride, padding, dilation = geometry
+    layer = make_conv(
+        kind,
+        5,
+        6,
+        kernel,
+        3,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=bias,
+        dtype=dtype,
+    )
+    x = torch.randn(2, 5, 11, 10, dtype=dtype)
+    out = layer(x)
+    torch.testing.assert_close(out, dense_conv(layer, x), **tol(dtype))
+    assert layer.dense_weight().shape == (6, 5, *kernel)
+    ref = nn.Conv2d(5, 6, kernel, stride, padding, dilation, bias=bias, dtype=dtype)
+    assert out.shape == ref(x).shape  # same geometry as nn.Conv2d, 'same'/'valid' included
+
+
+@pytest.mark.parametrize("kind", CONV_LAYERS)
+def test_conv_channels_last_and_unbatched(kind):
+    torch.manual_seed(0)
+    layer = make_conv(kind, 6, 8, (3, 2), 4, stride=(1, 2), padding=(1, 1), dtype=F64)
+    x = torch.randn(3, 6, 9, 9, dtype=F64)
+    expected = dense_conv(layer, x)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), expected)
+    layer_cl = layer.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer_cl(x.to(memory_format=torch.channels_last)), expected)
+    torch.testing.assert_close(layer(x[0]), expected[0])
+
+
+# --- fits from dense layers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank", [1, 5, 12])
+def test_lowrank_linear_fit_is_optimal(dtype, rank):
+    torch.manual_seed(1)
+    dense = nn.Linear(40, 24, dtype=dtype)
+    layer = LowRankLinear.from_linear(dense, rank)
+    s = torch.linalg.svdvals(dense.weight.detach().to(F64))
+    optimum = float((s[rank:] ** 2).sum())
+    err = float(
+        ((layer.dense_weight().detach().to(F64) - dense.weight.detach().to(F64)) ** 2).sum()
+    )
+    assert err == pytest.approx(optimum, rel=1e-5)
+    assert layer.weight_u.dtype == dtype and torch.equal(layer.bias, dense.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank", [1, 4, 9])
+@pytest.mark.parametrize("kernel", [(3, 3), (3, 2)])
+def test_separable_fit_is_optimal(dtype, rank, kernel):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(5, 6, kernel, dtype=dtype)
+    layer = SeparableConv2d.from_conv(conv, rank)
+    kh, kw = kernel
+    w = conv.weight.detach().to(F64)
+    s = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(5 * kh, 6 * kw))
+    optimum = float((s[rank:] ** 2).sum())
+    err = float(((layer.dense_weight().detach().to(F64) - w) ** 2).sum())
+    assert err == pytest.approx(optimum, rel=1e-5)
+
+
+def test_exact_recovery_of_low_rank_weights():
+    torch.manual_seed(3)
+    linear = nn.Linear(20, 16, dtype=F64)
+    with torch.no_grad():
+        linear.weight.copy_(LowRankLinear(20, 16, 3, dtype=F64).dense_weight())
+    assert rel_err(LowRankLinear.from_linear(linear, 3).dense_weight(), linear.weight) < 1e-12
+
+    for source, fit in [
+        (SeparableConv2d(6, 7, (3, 2), 4, dtype=F64), lambda c: SeparableConv2d.from_conv(c, 4)),
+        (CPConv2d(6, 7, (3, 2), 3, dtype=F64), lambda c: CPConv2d.from_conv(c, 3)),
+        (
+            TuckerConv2d(6, 7, (3, 2), (2, 3), dtype=F64),
+            lambda c: TuckerConv2d.from_conv(c, (2, 3)),
+        ),
+        (
+            TuckerConv2d(6, 7, (3, 2), (2, 3), dtype=F64),
+            lambda c: TuckerConv2d.from_conv(c, (4, 5)),
+        ),
+    ]:
+        conv = nn.Conv2d(6, 7, (3, 2), dtype=F64)
+        with torch.no_grad():
+            conv.weight.copy_(source.dense_weight())
+        assert rel_err(fit(conv).dense_weight(), conv.weight) < 1e-8, type(source).__name__
+
+
+@pytest.mark.parametrize("shape,rank", [((8, 6, 3, 3), 3), ((16, 12, 3, 3), 8), ((6, 4, 3, 1), 2)])
+def test_cp_als_recovers_exact_rank(shape, rank):
+    gen = torch.Generator().manual_seed(4)
+    target = cp_to_tensor([torch.randn(n, rank, generator=gen, dtype=F64) for n in shape])
+    factors, errors = cp_als(target, rank)
+    assert errors[-1] < 1e-8
+    assert rel_err(cp_to_tensor(factors), target) < 1e-8
+
+
+def test_cp_als_monotone_and_deterministic():
+    torch.manual_seed(5)
+    target = torch.randn(12, 10, 3, 3, dtype=F64)
+    factors, errors = cp_als(target, 6, n_iter_max=200)
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < errors[0] < 1.0
+    again, errors_again = cp_als(target, 6, n_iter_max=200)
+    assert errors == errors_again and all(
+        torch.equal(a, b) for a, b in zip(factors, again, strict=True)
+    )
+    # more components fit better (on this tensor; ALS gives no such guarantee in general)
+    fits = [cp_als(target, r, n_iter_max=200)[1][-1] for r in (2, 6, 12)]
+    assert fits[0] > fits[1] > fits[2]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cp_from_conv_matches_tensorly():
+    tensorly = pytest.importorskip("tensorly")
+    from tensorly.decomposition import parafac
+
+    torch.manual_seed(6)
+    conv = nn.Conv2d(8, 10, 3, dtype=F64)
+    ours = rel_err(CPConv2d.from_conv(conv, 6).dense_weight(), conv.weight)
+    weight = conv.weight.detach().numpy()
+    cp = parafac(weight, 6, init="svd", n_iter_max=1000, tol=1e-10)
+    theirs = float(
+        ((tensorly.cp_to_tensor(cp) - weight) ** 2).sum() ** 0.5 / (weight**2).sum() ** 0.5
+    )
+    assert ours <= theirs * 1.05
+
+
+def test_cp_exact_at_max_rank():
+    torch.manual_seed(7)
+    target = torch.randn(5, 4, 3, 2, dtype=F64)
+    factors = cp_exact(target)
+    assert factors[0].shape[1] == cp_max_rank(5, 4, 3, 2) == 24
+    assert rel_err(cp_to_tensor(factors), target) < 1e-14
+
+
+@pytest.mark.parametrize("ranks", [(1, 1), (2, 5), (4, 3), (6, 7)])
+def test_tucker_hosvd_is_the_leading_subspace_projection(ranks):
+    torch.manual_seed(8)
+    conv = nn.Conv2d(6, 7, (3, 2), dtype=F64)
+    w = conv.weight.detach()
+    r_in, r_out = ranks
+    u0, s0, _ = torch.linalg.svd(w.reshape(7, -1), full_matrices=False)
+    u1, s1, _ = torch.linalg.svd(w.transpose(0, 1).reshape(6, -1), full_matrices=False)
+    p_out = u0[:, :r_out] @ u0[:, :r_out].T
+    p_in = u1[:, :r_in] @ u1[:, :r_in].T
+    projected = torch.einsum("fcij,gf,dc->gdij", w, p_out, p_in)
+    fitted = TuckerConv2d.from_conv(conv, ranks).dense_weight().detach()
+    err2 = float(((fitted - w) ** 2).sum())
+    assert err2 == pytest.approx(float(((projected - w) ** 2).sum()), rel=1e-10, abs=1e-20)
+    tail0, tail1 = float((s0[r_out:] ** 2).sum()), float((s1[r_in:] ** 2).sum())
+    # any Tucker-2 fit errs at least by each unfolding's tail; HOSVD at most by their sum
+    assert max(tail0, tail1) - 1e-12 <= err2 <= tail0 + tail1 + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["linear", *CONV_LAYERS])
+def test_full_rank_reproduces_dense(kind):
+    torch.manual_seed(9)
+    if kind == "linear":
+        dense = nn.Linear(9, 6, dtype=F64)
+        layer, x = LowRankLinear.from_linear(dense, 6), torch.randn(4, 9, dtype=F64)
+    else:
+        dense = nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), dtype=F64)
+        x = torch.randn(2, 4, 9, 8, dtype=F64)
+        layer = {
+            "separable": lambda: SeparableConv2d.from_conv(dense, min(4 * 3, 5 * 2)),
+            "cp": lambda: CPConv2d.from_conv(dense, cp_max_rank(5, 4, 3, 2)),
+            "tucker": lambda: TuckerConv2d.from_conv(dense, (4, 5)),
+        }[kind]()
+    torch.testing.assert_close(layer.dense_weight(), dense.weight)
+    torch.testing.assert_close(layer(x), dense(x))
+
+
+@pytest.mark.parametrize("kind", CONV_LAYERS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_conv_keeps_geometry_dtype_bias(kind, bias):
+    conv = nn.Conv2d(
+        4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=bias, dtype=F64
+    )
+    rank = (2, 3) if kind == "tucker" else 3
+    layer = {"separable": SeparableConv2d, "cp": CPConv2d, "tucker": TuckerConv2d}[kind].from_conv(
+        conv, rank
+    )
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 1), (1, 2), (1, 2))
+    assert all(p.dtype == F64 and p.device == conv.weight.device for p in layer.parameters())
+    assert (layer.bias is None) == (not bias)
+    if bias:
+        assert torch.equal(layer.bias, conv.bias) and layer.bias is not conv.bias
+    same = nn.Conv2d(4, 6, 3, padding="same", dilation=2, dtype=F64)
+    x = torch.randn(1, 4, 8, 8, dtype=F64)
+    full = (
+        (4, 6)
+        if kind == "tucker"
+        else min(12, 18)
+        if kind == "separable"
+        else cp_max_rank(6, 4, 3, 3)
+    )
+    layer = type(layer).from_conv(same, full)
+    assert layer.padding == (2, 2)
+    torch.testing.assert_close(layer(x), same(x))
+
+
+@pytest.mark.parametrize("cls", [SeparableConv2d, CPConv2d, TuckerConv2d])
+@pytest.mark.parametrize(
+    "conv,match",
+    [
+        (nn.Conv2d(4, 6, 3, groups=2), "groups"),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+        (nn.Conv2d(4, 6, 2, padding="same"), "asymmetric"),
+    ],
+)
+def test_from_conv_rejects_unsupported(cls, conv, match):
+    with pytest.raises(ValueError, match=match):
+        cls.from_conv(conv, (2, 2) if cls is TuckerConv2d else 2)
+
+
+# --- initialisation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build,fan_in",
+    [
+        (lambda: LowRankLinear(1024, 512, 64), 1024),
+        (lambda: SeparableConv2d(64, 96, 3, 48), 64 * 9),
+        (lambda: CPConv2d(64, 96, 3, 128), 64 * 9),
+        (lambda: TuckerConv2d(64, 96, 3, (32, 48)), 64 * 9),
+    ],
+)
+def test_init_variance_matches_pytorch_default(build, fan_in):
+    torch.manual_seed(10)
+    layer = build()
+    variances = []
+    for _ in range(8):
+        layer.reset_parameters()
+        variances.append(float(layer.dense_weight().detach().pow(2).mean()))
+    assert sum(variances) / len(variances) == pytest.approx(1 / (3 * fan_in), rel=0.15)
+    bound = 1 / math.sqrt(fan_in)
+    assert layer.bias.abs().max() <= bound and layer.bias.std() > 0.4 * bound
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", *CONV_LAYERS])
+def test_gradcheck(kind):
+    torch.manual_seed(11)
+    if kind == "linear":
+        layer, x = LowRankLinear(5, 4, 2, dtype=F64), torch.randn(3, 5, dtype=F64)
+    else:
+        layer = make_conv(
+            kind, 3, 4, (3, 2), 2, stride=(2, 1), padding=1, dilation=(1, 2), dtype=F64
+        )
+        x = torch.randn(2, 3, 6, 5, dtype=F64)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(inp, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
+
+    inputs = (
+        x.requires_grad_(),
+        *(p.detach().clone().requires_grad_() for p in layer.parameters()),
+    )
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# --- cost -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 12), (12,)])
+def test_lowrank_linear_macs(bias, shape):
+    layer = LowRankLinear(12, 9, 4, bias=bias)
+    assert layer.analytic_macs(shape) == count_macs(layer, torch.randn(shape))
+
+
+@pytest.mark.parametrize("kind", CONV_LAYERS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("shape", [(2, 5, 11, 10), (5, 9, 13)])
+def test_conv_macs(kind, geometry, shape):
+    kernel, stride, padding, dilation = geometry
+    layer = make_conv(kind, 5, 6, kernel, 3, stride=stride, padding=padding, dilation=dilation)
+    assert layer.analytic_macs(shape) == count_macs(layer, torch.randn(shape))
+
+
+def test_macs_rejects_wrong_input_shape():
+    with pytest.raises(ValueError, match=r"\(\*, 12\)"):
+        LowRankLinear(12, 9, 4).analytic_macs((3, 11))
+    with pytest.raises(ValueError, match=r"\(N, 5, H, W\)"):
+        SeparableConv2d(5, 6, 3, 2).analytic_macs((2, 4, 8, 8))
+
+
+# --- argument errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build,parts",
+    [
+        (lambda: LowRankLinear(12, 9, 0), ["in_features=12, out_features=9", "rank=0", "1..9"]),
+        (lambda: LowRankLinear(12, 9, 10), ["rank=10 is out of range; valid ranks are 1..9"]),
+        (lambda: SeparableConv2d(4, 5, (3, 2), 13), ["kernel_size=(3, 2)", "rank=13", "1..10"]),
+        (lambda: CPConv2d(4, 5, 3, 37), ["in_channels=4, out_channels=5", "rank=37", "1..36"]),
+        (lambda: CPConv2d(4, 5, 3, 0), ["rank=0", "1..36"]),
+        (lambda: TuckerConv2d(4, 5, 3, (5, 2)), ["input_rank=5", "1..4"]),
+        (lambda: TuckerConv2d(4, 5, 3, (2, 6)), ["output_rank=6", "1..5"]),
+        (lambda: TuckerConv2d(4, 5, 3, 2), ["ranks must be (input_rank, output_rank)"]),
+    ],
+)
+def test_bad_rank_message(build, parts):
+    with pytest.raises(ValueError) as info:
+        build()
+    text = str(info.value)
+    assert "\n" not in text and all(part in text for part in parts), text
+
+
+def test_extra_repr():
+    assert "rank=3" in repr(SeparableConv2d(4, 5, 3, 3, padding=1))
+    assert "ranks=(2, 3)" in repr(TuckerConv2d(4, 5, 3, (2, 3)))
+    assert "in_features=6, out_features=4, rank=2" in repr(LowRankLinear(6, 4, 2))
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("kind", ["linear", *CONV_LAYERS])
+def test_cuda_forward_and_fit(kind):
+    torch.manual_seed(12)
+    if kind == "linear":
+        dense = nn.Linear(32, 16, device="cuda")
+        layer = LowRankLinear.from_linear(dense, 8)
+        x = torch.randn(4, 32, device="cuda")
+        expected = F.linear(x, layer.dense_weight(), layer.bias)
+    else:
+        dense = nn.Conv2d(8, 12, 3, stride=2, padding=1, device="cuda")
+        ranks = (4, 6) if kind == "tucker" else 4
+        cls = {"separable": SeparableConv2d, "cp": CPConv2d, "tucker": TuckerConv2d}[kind]
+        layer = cls.from_conv(dense, ranks)
+        x = torch.randn(2, 8, 16, 16, device="cuda")
+        expected = dense_conv(layer, x)
+    assert all(p.is_cuda for p in layer.parameters())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
