@@ -60,6 +60,8 @@ def build_dataset(cfg: Any, split: str, transform: Callable | None | str = "conf
     """
     c = as_dict(cfg)
     name = c.get("name")
+    if name not in NAMES:
+        raise DatasetError(f"unknown dataset name {name!r} in the data config; use one of {NAMES}.")
     if split not in ("train", "test"):
         raise DatasetError(f"build_dataset: split must be train or test, got {split!r}.")
     if transform == "config":
@@ -80,9 +82,7 @@ def build_dataset(cfg: Any, split: str, transform: Callable | None | str = "conf
         return Chars74K(resolve_path(c["root"]), bool(c.get("case_sensitive", True)),
                         split, transform, float(c.get("test_fraction", 0.25)),
                         int(c.get("split_seed", 0)))
-    if name == "imagenet":
-        return ImageNet(resolve_path(c["root"]), "train" if train else "val", transform)
-    raise DatasetError(f"unknown dataset name {name!r} in the data config; use one of {NAMES}.")
+    return ImageNet(resolve_path(c["root"]), "train" if train else "val", transform)
 
 
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:

@@ -1,4 +1,8 @@
-"""Decode one image file into the loaders' item format: a uint8 RGB tensor (3, H, W)."""
+"""Decode one image file into the loaders' item format: a uint8 RGB tensor (3, H, W).
+
+Pillow decodes everything (its JPEG path is libjpeg-turbo); torchvision's own decoders are
+deprecated since 0.29, so kron does not depend on them.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .errors import corrupt
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_FAST = (".jpg", ".jpeg", ".png")
 
 
 def is_image(path: str | Path) -> bool:
@@ -21,17 +23,7 @@ def is_image(path: str | Path) -> bool:
 
 
 def read_image(path: str | Path, what: str = "image") -> torch.Tensor:
-    """Read `path` as RGB uint8 (3, H, W); a corrupt file raises a `DatasetError` naming it.
-
-    JPEG and PNG go through torchvision's libjpeg/libpng decoder (fast); anything else, or a
-    file that decoder refuses, goes through Pillow.
-    """
-    path = Path(path)
-    if path.suffix.lower() in _FAST:
-        try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            pass  # let Pillow try, and report its error if it fails too
+    """Read `path` as RGB uint8 (3, H, W); a corrupt file raises a `DatasetError` naming it."""
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))

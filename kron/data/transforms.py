@@ -4,8 +4,8 @@ The input is a loader item's uint8 tensor (C, H, W); the output is a normalised 
 Config (`data.transforms`), every key optional except mean and std:
 
     mean: [..]  std: [..]      # per output channel, on the [0, 1] scale
-    grayscale: false           # convert RGB to one channel first (both stages)
-    train / test:              # applied in this order
+    grayscale: false           # RGB to one channel, after the spatial ops (both stages)
+    train / test:              # spatial ops, applied in this order
       resize: null             # int (shorter side) or [h, w]
       random_resized_crop: null  # int: ImageNet-style scale/aspect crop to that size
       center_crop: null        # int or [h, w]
@@ -26,8 +26,6 @@ def build_transform(cfg: Mapping[str, Any], train: bool) -> v2.Compose:
     """The `train` or `test` pipeline described by `cfg` (see the module docstring)."""
     stage = cfg.get("train" if train else "test") or {}
     ops: list[Any] = []
-    if cfg.get("grayscale"):
-        ops.append(v2.Grayscale(num_output_channels=1))
     if stage.get("resize"):
         ops.append(v2.Resize(_size(stage["resize"]), antialias=True))
     if stage.get("random_resized_crop"):
@@ -39,7 +37,9 @@ def build_transform(cfg: Mapping[str, Any], train: bool) -> v2.Compose:
                                  fill=stage.get("fill", 0)))
     if stage.get("hflip"):
         ops.append(v2.RandomHorizontalFlip())
-    ops.append(v2.ToDtype(torch.float32, scale=True))
+    ops.append(v2.ToDtype(torch.float32, scale=True))  # spatial ops above ran on uint8: faster
+    if cfg.get("grayscale"):
+        ops.append(v2.Grayscale(num_output_channels=1))  # on floats: no uint8 rounding
     ops.append(v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])))
     return v2.Compose(ops)
 
