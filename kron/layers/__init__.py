@@ -2,11 +2,16 @@
 
 from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
 from kron.layers.kronecker import KronConv2d, KronLinear
+from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 from kron.layers.shapes import Factorization, choose_terms, factorizations, kron_term_shapes
 
 __all__ = [
     "KronLinear",
     "KronConv2d",
+    "LowRankLinear",
+    "SeparableConv2d",
+    "CPConv2d",
+    "TuckerConv2d",
     "Factorization",
     "factorizations",
     "kron_term_shapes",
