@@ -264,23 +264,54 @@ class KronLinear(_KroneckerSum):
                 f"bias={self.bias is not None}, {self.extra_repr_terms()}")
 
 
+_CHUNK_FLOATS = 1 << 18  # 1 MiB of float32: one chunk's intermediate stays in L2 cache
+
+
 def _kron_matvec(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_r vec(A_r X B_r^T)`` for each row of ``x2 (N, n1*n2)``; ``a (R,m1,n1)``,
     ``b (R,m2,n2)``. Two GEMMs; the sum over r rides inside the second one's contraction by
-    laying the first one's output out as ``(.., k, r, ..)``; no intermediate is permuted."""
-    n_rows = x2.shape[0]
+    laying the first one's output out as ``(.., k, r, ..)``, so no intermediate is permuted."""
     rank, m1, n1 = a.shape
     _, m2, n2 = b.shape
     if linear_order((m1, n1), (m2, n2)) == "b":
-        t = torch.mm(x2.reshape(n_rows * n1, n2), b.reshape(rank * m2, n2).t())
+        bt = b.reshape(rank * m2, n2).t()
         a2 = a.permute(1, 2, 0).reshape(m1, n1 * rank)  # [i, (k, r)]
-        y = torch.matmul(a2, t.view(n_rows, n1 * rank, m2))  # (N, m1, m2)
+        needs_grad = torch.is_grad_enabled() and (
+            x2.requires_grad or a.requires_grad or b.requires_grad)
+        if needs_grad or x2.device.type != "cpu":
+            t = torch.mm(x2.reshape(-1, n2), bt)
+            y = torch.matmul(a2, t.view(-1, n1 * rank, m2))  # (N, m1, m2)
+        else:
+            y = _b_first_chunked(x2, a2, bt, n1 * rank, m2)
     else:
         a2 = a.permute(1, 0, 2).reshape(m1 * rank, n1)  # [(i, r), k]
-        u = torch.matmul(a2, x2.view(n_rows, n1, n2))  # (N, m1, r, l)
+        u = torch.matmul(a2, x2.view(-1, n1, n2))  # (N, m1, r, l)
         b2 = b.permute(1, 0, 2).reshape(m2, rank * n2)  # [j, (r, l)]
-        y = torch.mm(u.view(n_rows * m1, rank * n2), b2.t())
-    return y.reshape(n_rows, m1 * m2)
+        y = torch.mm(u.view(-1, rank * n2), b2.t())
+    return y.reshape(x2.shape[0], m1 * m2)
+
+
+def _b_first_chunked(
+    x2: torch.Tensor, a2: torch.Tensor, bt: torch.Tensor, k: int, m2: int
+) -> torch.Tensor:
+    """CPU inference path of the B-first product: rows in chunks whose intermediate fits in
+    cache, written into preallocated buffers (a whole-batch intermediate of a large layer does
+    not fit in cache, and a fresh large allocation costs page faults on every call)."""
+    n_rows = x2.shape[0]
+    n2 = bt.shape[0]
+    n1 = x2.shape[1] // n2
+    chunk = max(1, min(n_rows, _CHUNK_FLOATS // (n1 * bt.shape[1])))
+    xv = x2.reshape(n_rows * n1, n2)
+    out = x2.new_empty((n_rows, a2.shape[0], m2))
+    buf = x2.new_empty((chunk * n1, bt.shape[1]))
+    a2e = a2.expand(chunk, *a2.shape)
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        rows = stop - start
+        t = buf[: rows * n1]
+        torch.mm(xv[start * n1 : stop * n1], bt, out=t)
+        torch.bmm(a2e[:rows], t.view(rows, k, m2), out=out[start:stop])
+    return out
 
 
 def _conv_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
