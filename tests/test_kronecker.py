@@ -266,3 +266,27 @@ def test_parameter_count_is_sum_of_factor_sizes():
     conv = KronConv2d(16, 8, 3, [(4, 4, 1, 1)], bias=False)
     assert sum(p.numel() for p in conv.parameters()) == 16 + 2 * 4 * 9
     assert math.prod(conv.dense_weight().shape) == 8 * 16 * 9
+
+
+@pytest.mark.parametrize("chunk_floats", [1, 700, 1 << 18])
+def test_inference_chunks_match_dense(monkeypatch, chunk_floats):
+    """The no-grad CPU path runs in cache-sized chunks of samples (with a remainder chunk);
+    it must give the same numbers as the dense reference for every layer kind."""
+    from kron.layers import kronecker
+
+    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", chunk_floats)
+    torch.manual_seed(0)
+    x = torch.randn(7, 64, dtype=torch.float64)
+    for terms in ([(4, 8)] * 3, [(4, 8), (8, 2), (16, 64)]):
+        lin = KronLinear(64, 32, terms, implementation="factored", dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.dense_weight(), lin.bias))
+    for c_in, c_out, k, terms, stride, padding, dilation in CONV_CASES:
+        conv = KronConv2d(c_in, c_out, k, terms, stride=stride, padding=padding,
+                          dilation=dilation, implementation="factored", dtype=torch.float64)
+        x = torch.randn(5, c_in, 11, 13, dtype=torch.float64)
+        ref = F.conv2d(x, conv.dense_weight(), conv.bias, stride, padding, dilation)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), ref)
+            torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)),
+                                       ref)

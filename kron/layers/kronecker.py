@@ -37,6 +37,9 @@ from kron.layers.shapes import (
 )
 
 IMPLEMENTATIONS = ("auto", "factored", "dense")
+# CPU inference runs in chunks whose intermediate holds at most this many elements (1 MiB of
+# float32), so that it stays in the L2 cache between the two stages.
+_CHUNK_FLOATS = 1 << 18
 
 
 class _KroneckerSum(nn.Module):
@@ -264,9 +267,6 @@ class KronLinear(_KroneckerSum):
                 f"bias={self.bias is not None}, {self.extra_repr_terms()}")
 
 
-_CHUNK_FLOATS = 1 << 18  # 1 MiB of float32: one chunk's intermediate stays in L2 cache
-
-
 def _kron_matvec(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_r vec(A_r X B_r^T)`` for each row of ``x2 (N, n1*n2)``; ``a (R,m1,n1)``,
     ``b (R,m2,n2)``. Two GEMMs; the sum over r rides inside the second one's contraction by
@@ -404,25 +404,69 @@ class KronConv2d(_KroneckerSum):
             x.is_contiguous()
         )
         x = x.contiguous()
-        pointwise_all = all(a[2] == 1 and a[3] == 1 for a, _ in self.groups)
-        if not pointwise_all and any(self.padding):
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph))
-            pad_in_stage1 = (0, 0)
+        params = [*self.a_factors, *self.b_factors]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params))
+        if needs_grad or x.device.type != "cpu":
+            out = self._factored_block(x)
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, 1, 1)
         else:
-            pad_in_stage1 = self.padding
-        out = None
-        for a, b in zip(self.a_factors, self.b_factors):
-            y = self._group_forward(x, a, b, pad_in_stage1)
-            out = y if out is None else out.add_(y)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
+            out = self._factored_inference_cpu(x)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
+    def _pad_plan(self) -> tuple[bool, tuple[int, int]]:
+        """``(pad the input explicitly?, padding of the first-stage conv)``: with every A
+        pointwise, padding the first conv equals padding the input; otherwise pad once."""
+        if all(a[2] == 1 and a[3] == 1 for a, _ in self.groups) or not any(self.padding):
+            return False, self.padding
+        return True, (0, 0)
+
+    def _factored_block(
+        self, x: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """All shape groups on a contiguous block of samples (no bias); writes into ``out``
+        when given (the first group's result lands there directly on the pointwise path)."""
+        explicit_pad, stage1_padding = self._pad_plan()
+        if explicit_pad:
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph))
+        for i, (a, b) in enumerate(zip(self.a_factors, self.b_factors)):
+            if i == 0:
+                out = self._group_forward(x, a, b, stage1_padding, out=out)
+            else:
+                out.add_(self._group_forward(x, a, b, stage1_padding))
+        return out
+
+    def _factored_inference_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference on CPU in chunks of samples whose intermediate fits in cache: the
+        intermediate of a whole batch is as large as a feature map of the full layer, and
+        streaming it through memory twice costs more than the small second stage itself."""
+        n = x.shape[0]
+        ho, wo = self.output_size(x.shape[-2:])
+        per_sample = max(
+            a[1] * r * (self.weight_shape[0] // a[0]) * x.shape[2] * x.shape[3]
+            for a, r in self.groups
+        )
+        chunk = max(1, min(n, _CHUNK_FLOATS // per_sample))
+        out = x.new_empty((n, self.out_channels, ho, wo))
+        bias = None if self.bias is None else self.bias.view(1, -1, 1, 1)
+        for start in range(0, n, chunk):
+            block = out[start : start + chunk]
+            self._factored_block(x[start : start + chunk], out=block)
+            if bias is not None:
+                block.add_(bias)
+        return out
+
     def _group_forward(
-        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padding: tuple[int, int]
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        padding: tuple[int, int],
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n, _, h, w = x.shape
         rank, f1, c1, kh1, kw1 = a.shape
@@ -433,15 +477,22 @@ class KronConv2d(_KroneckerSum):
         h1, w1 = z.shape[-2:]  # z is (N, C1, R, F2, h1, w1)
         if pointwise:
             a2 = a.reshape(rank, f1, c1).permute(1, 2, 0).reshape(f1, c1 * rank)  # [f1,(c1,r)]
-            y = torch.matmul(a2, z.view(n, c1 * rank, f2 * h1 * w1))
-            return y.view(n, f1 * f2, h1, w1)
+            z = z.view(n, c1 * rank, f2 * h1 * w1)
+            if out is not None:
+                torch.matmul(a2, z, out=out.view(n, f1, f2 * h1 * w1))
+                return out
+            return torch.matmul(a2, z).view(n, f1 * f2, h1, w1)
         zt = (z.view(n, c1, rank, f2, h1, w1).permute(0, 3, 1, 2, 4, 5)
               .reshape(n * f2, c1 * rank, h1, w1))
         a2 = a.permute(1, 2, 0, 3, 4).reshape(f1, c1 * rank, kh1, kw1)  # [f1, (c1, r)]
         dil2 = (self.dilation[0] * kh2, self.dilation[1] * kw2)
         y = F.conv2d(zt, a2, stride=self.stride, dilation=dil2)
         ho, wo = y.shape[-2:]
-        return y.view(n, f2, f1, ho, wo).transpose(1, 2).reshape(n, f1 * f2, ho, wo)
+        y = y.view(n, f2, f1, ho, wo).transpose(1, 2)
+        if out is not None:
+            out.view(n, f1, f2, ho, wo).copy_(y)
+            return out
+        return y.reshape(n, f1 * f2, ho, wo)
 
     def output_size(self, hw: Sequence[int]) -> tuple[int, int]:
         return conv_output_size(tuple(hw), self.kernel_size, self.stride, self.padding,
