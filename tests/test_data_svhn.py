@@ -108,3 +108,30 @@ def test_synth_cli(tmp_path, capsys):
     got, want = SVHN(tmp_path, "train", verify_md5=False), SVHN(ref, "train", verify_md5=False)
     assert np.array_equal(got.data, want.data) and np.array_equal(got.targets, want.targets)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+@pytest.mark.slow
+def test_synth_is_not_solved_in_one_epoch(tmp_path):
+    """A small CNN trained one epoch on the default synthetic set stays far from 100%."""
+    import torch
+    from torch import nn
+
+    ensure_synth_svhn(tmp_path)  # the default size: 6000 train, 2000 test
+    train, test = SVHN(tmp_path, "train", verify_md5=False), SVHN(tmp_path, "test",
+                                                                   verify_md5=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    x_all, y_all = train.data.float() / 255 - 0.5, train.targets
+    for i in torch.randperm(len(train)).split(64):
+        loss = nn.functional.cross_entropy(net(x_all[i]), y_all[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = (net.eval()(test.data.float() / 255 - 0.5).argmax(1) == test.targets).float().mean()
+    assert torch.isfinite(loss) and acc < 0.95

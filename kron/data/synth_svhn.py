@@ -68,7 +68,7 @@ def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
                         resample=Image.Resampling.BILINEAR, fillcolor=bg)
     img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=bg)
     # crop a square around the centre digit: its side sets the digit's scale in the output
-    side = float(rng.uniform(0.85, 1.25)) * max(size * 1.15, 36)
+    side = float(rng.uniform(0.8, 1.1)) * max(size * 1.05, 36)
     side = min(side, 2 * min(cx, cy, CANVAS - cx, CANVAS - cy))
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     img = img.resize((OUT, OUT), Image.Resampling.BILINEAR, box=box)
