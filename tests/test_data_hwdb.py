@@ -155,7 +155,9 @@ def test_cli_convert_and_info(tmp_path, capsys):
     write_gnt(tmp_path / "a.gnt", random_gnt_records(7, seed=3, max_side=40))
     out = tmp_path / "h.h5"
     assert main(["convert", "--split", "train", "--out", str(out), "--size", "24",
-                 "--no-progress", str(tmp_path / "a.gnt")]) == 0
+                 "--compression", "gzip", "--no-progress", str(tmp_path / "a.gnt")]) == 0
     assert "wrote 7 images" in capsys.readouterr().out
+    with h5py.File(out) as f:
+        assert f["train/x"].compression == "gzip"
     assert main(["info", str(out)]) == 0
     assert "train: 7 images 24x24, label set gb2312-level1, 3755 classes" in capsys.readouterr().out

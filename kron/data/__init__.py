@@ -4,25 +4,54 @@
 normalised float tensors; the classes below give raw `(uint8 tensor (C, H, W), int label)` items
 with `transform=None`, and each has `.classes`. Every problem with files on disk raises
 `DatasetError` with a one-line message saying what is wrong and how to fix it.
+
+Names are imported on first use, so `python -m kron.data.hwdb` and friends run without the
+package importing their module twice.
 """
 
-from .build import build_dataset, build_datasets, build_loader
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import DatasetError
-from .hwdb import HWDB
-from .imagenet import ImageNet
-from .scenetext import Chars74K, ICDAR03Chars
-from .svhn import SVHN
-from .transforms import build_transform
+
+_EXPORTS = {
+    "SVHN": "svhn",
+    "HWDB": "hwdb",
+    "ICDAR03Chars": "scenetext",
+    "Chars74K": "scenetext",
+    "ImageNet": "imagenet",
+    "build_dataset": "build",
+    "build_datasets": "build",
+    "build_loader": "build",
+    "build_transform": "transforms",
+}
 
 __all__ = [
+    "DatasetError",
     "SVHN",
     "HWDB",
     "ICDAR03Chars",
     "Chars74K",
     "ImageNet",
-    "DatasetError",
     "build_dataset",
     "build_datasets",
     "build_loader",
     "build_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .build import build_dataset, build_datasets, build_loader
+    from .hwdb import HWDB
+    from .imagenet import ImageNet
+    from .scenetext import Chars74K, ICDAR03Chars
+    from .svhn import SVHN
+    from .transforms import build_transform

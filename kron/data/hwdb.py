@@ -92,12 +92,14 @@ def convert(
     all_classes: bool = False,
     skip_corrupt: bool = False,
     progress: bool = True,
+    compression: str | None = None,
     block: int = 1024,
 ) -> ConvertStats:
     """Stream `.gnt` files into group `split` of HDF5 file `out` (added, or replaced if present).
 
     Writes a temporary file beside `out` (copying the other splits of an existing `out`) and
-    renames it into place at the end, so `out` is never half-written.
+    renames it into place at the end, so `out` is never half-written. Images are stored one
+    per HDF5 chunk (fast random reads); `compression="gzip"` shrinks them at some read cost.
     """
     if not split or "/" in split:
         raise DatasetError(f"{WHAT}: bad split name {split!r}; use a plain name like train.")
@@ -113,7 +115,7 @@ def convert(
         grp = dst.create_group(split)
         x = grp.create_dataset(
             "x", shape=(0, 1, size, size), maxshape=(None, 1, size, size), dtype=np.uint8,
-            chunks=(1, 1, size, size),
+            chunks=(1, 1, size, size), compression=compression,
         )
         codes: list[int] = []
         buf: list[np.ndarray] = []
@@ -125,25 +127,25 @@ def convert(
                 x[n:] = np.stack(buf)[:, None]
                 buf.clear()
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{split}", disable=not progress)
-        for path in files:
-            done = 0
-            for rec in iter_gnt(path, skip_corrupt):
-                if isinstance(rec, GntError):
-                    stats.skipped_corrupt += 1
-                    continue
-                bar.update(rec.offset - done)
-                done = rec.offset
-                if not all_classes and level1_label(rec.code) is None:
-                    stats.dropped_classes += 1
-                    continue
-                codes.append(rec.code)
-                buf.append(normalise(rec.bitmap, size))
-                if len(buf) >= block:
-                    flush()
-            bar.update(path.stat().st_size - done)
-        flush()
-        bar.close()
+        with tqdm(total=total, unit="B", unit_scale=True, desc=split,
+                  disable=not progress) as bar:
+            for path in files:
+                done = 0
+                for rec in iter_gnt(path, skip_corrupt):
+                    if isinstance(rec, GntError):
+                        stats.skipped_corrupt += 1
+                        continue
+                    bar.update(rec.offset - done)
+                    done = rec.offset
+                    if not all_classes and level1_label(rec.code) is None:
+                        stats.dropped_classes += 1
+                        continue
+                    codes.append(rec.code)
+                    buf.append(normalise(rec.bitmap, size))
+                    if len(buf) >= block:
+                        flush()
+                bar.update(path.stat().st_size - done)
+            flush()
         stats.written = x.shape[0]
         _write_labels(dst, split, np.asarray(codes, dtype=np.int64), all_classes)
         grp.attrs["size"] = size
@@ -291,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="keep every tag code, not only the 3,755 GB2312 level-1 characters")
     c.add_argument("--skip-corrupt", action="store_true",
                    help="skip malformed records (counted) instead of stopping")
+    c.add_argument("--compression", choices=("gzip", "lzf"), default=None,
+                   help="compress the images (smaller file, slower reads); default none")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c.add_argument("inputs", nargs="+", metavar="GNT_FILE_OR_DIR")
     i = sub.add_parser("info", help="describe the splits of a converted HDF5 file")
@@ -301,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(info(args.path))
             return 0
         stats = convert(args.inputs, args.out, args.split, args.size, args.all_classes,
-                        args.skip_corrupt, progress=not args.no_progress)
+                        args.skip_corrupt, progress=not args.no_progress,
+                        compression=args.compression)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
