@@ -233,17 +233,19 @@ class HWDB(Dataset):
         self.classes = [code_to_char(c) for c in self.codes]
         self.size = shape[2]
         self._file: h5py.File | None = None
+        self._x: h5py.Dataset | None = None
         self._pid: int | None = None
 
     def _images(self) -> h5py.Dataset:
-        if self._file is None or self._pid != os.getpid():
+        if self._x is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
+            self._x = self._file[self.split]["x"]
             self._pid = os.getpid()
-        return self._file[self.split]["x"]
+        return self._x
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_file"], state["_pid"] = None, None
+        state["_file"], state["_x"], state["_pid"] = None, None, None
         return state
 
     def __len__(self) -> int:
