@@ -1,0 +1,105 @@
+"""Building blocks shared by the reconstructed baseline nets."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def scale_width(channels: int, width: float, multiple: int = 4) -> int:
+    """``channels * width`` rounded to a multiple of ``multiple`` (at least ``multiple``).
+
+    Rounding keeps channel counts divisible by small Kronecker factors at every width.
+    """
+    return max(multiple, int(round(channels * width / multiple)) * multiple)
+
+
+class MaxPool2x2(nn.Module):
+    """Exactly ``nn.MaxPool2d(2)``, with a faster inference path on CPU.
+
+    Why: PyTorch's NCHW max-pool kernel on CPU is several times slower than a convolution layer
+    here and would dominate both twins' inference latency. Without autograd the pool is the
+    maximum of four strided views (5-7x faster, bit-identical values; odd sizes drop the last
+    row/column as ``MaxPool2d(2)`` does). With autograd it is ``F.max_pool2d``, whose backward
+    (one index scatter) is much cheaper than that of chained ``torch.maximum``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.requires_grad) or x.is_cuda:
+            return F.max_pool2d(x, 2)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+        bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        return torch.maximum(top, bottom)
+
+
+class PlainConvNet(nn.Module):
+    """A 2015-style plain CNN: 3x3 conv (+BN) + ReLU blocks with 2x2 max-pools, then an MLP.
+
+    ``convs`` lists ``(out_channels, pool_after)`` per conv layer; ``hidden`` the widths of the
+    fully-connected layers before the classifier. Module names are stable and readable, so
+    layer surgery can address them: ``features.conv{i}``, ``classifier.fc{i}`` (1-based hidden
+    layers) and ``classifier.out`` (the final classifier layer).
+
+    ``large_maps`` is the paper's "larger feature maps" variant: the first pooling moves to
+    the end of the conv stack, so every conv after it runs on 2x higher resolution (4x the
+    positions) while the classifier's input size stays the same.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        input_size: int,
+        convs: Sequence[tuple[int, bool]],
+        hidden: Sequence[int],
+        width: float = 1.0,
+        large_maps: bool = False,
+        norm: str = "batch",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if norm not in ("batch", "none"):
+            raise ValueError(f"norm must be 'batch' or 'none', got {norm!r}")
+        pools = [bool(p) for _, p in convs]
+        extra_pool = large_maps and any(pools)
+        if extra_pool:
+            pools[pools.index(True)] = False
+        feats: OrderedDict[str, nn.Module] = OrderedDict()
+        c, n_pool = in_channels, 0
+        for i, ((out, _), pool) in enumerate(zip(convs, pools), start=1):
+            out = scale_width(out, width)
+            feats[f"conv{i}"] = nn.Conv2d(c, out, 3, padding=1, bias=norm == "none")
+            if norm == "batch":
+                feats[f"bn{i}"] = nn.BatchNorm2d(out)
+            feats[f"relu{i}"] = nn.ReLU(inplace=True)
+            if pool:
+                n_pool += 1
+                feats[f"pool{n_pool}"] = MaxPool2x2()
+            c = out
+        if extra_pool:
+            n_pool += 1
+            feats[f"pool{n_pool}"] = MaxPool2x2()
+        self.features = nn.Sequential(feats)
+        side = input_size // 2**n_pool
+        if side < 1:
+            raise ValueError(f"input_size {input_size} is too small for {n_pool} 2x2 pools")
+        head: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        d = c * side * side
+        for i, h in enumerate(hidden, start=1):
+            h = scale_width(h, width)
+            head[f"fc{i}"] = nn.Linear(d, h)
+            head[f"relu{i}"] = nn.ReLU(inplace=True)
+            if dropout > 0:
+                head[f"drop{i}"] = nn.Dropout(dropout)
+            d = h
+        head["out"] = nn.Linear(d, num_classes)
+        self.classifier = nn.Sequential(head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
