@@ -11,21 +11,22 @@ from kron.models import MODELS, build_model
 from kron.models.common import MaxPool2x2, PlainConvNet, scale_width
 from kron.models.hwdb import HWDB_CONVS, HWDB_HIDDEN
 from kron.models.scenetext import SCENETEXT_CONVS, SCENETEXT_HIDDEN
-from kron.models.svhn import SVHN_CONVS, SVHN_HIDDEN
+from kron.models.svhn import SVHN_CONVS, SVHN_HIDDEN, SVHN_STEM
 
-PLAIN = {  # name: (convs, hidden, in_channels, input_size, classes)
-    "svhn": (SVHN_CONVS, SVHN_HIDDEN, 3, 32, 10),
-    "scenetext": (SCENETEXT_CONVS, SCENETEXT_HIDDEN, 1, 32, 62),
-    "hwdb": (HWDB_CONVS, HWDB_HIDDEN, 1, 64, 3755),
+PLAIN = {  # name: (convs, hidden, in_channels, input_size, classes, (stem kernel, stride))
+    "svhn": (SVHN_CONVS, SVHN_HIDDEN, 3, 32, 10, SVHN_STEM),
+    "scenetext": (SCENETEXT_CONVS, SCENETEXT_HIDDEN, 1, 32, 62, (3, 1)),
+    "hwdb": (HWDB_CONVS, HWDB_HIDDEN, 1, 64, 3755, (3, 1)),
 }
 
 
-def plain_params(convs, hidden, c_in, size, classes, width, norm="batch") -> int:
-    """Parameter count of a PlainConvNet by formula: 3x3 convs (+BN or bias) and FC layers."""
-    total, c, pools = 0, c_in, 0
-    for out, pool in convs:
+def plain_params(convs, hidden, c_in, size, classes, stem, width, norm="batch") -> int:
+    """Parameter count of a PlainConvNet by formula: convs (+BN or bias) and FC layers."""
+    total, c, pools = 0, c_in, stem[1] - 1
+    for i, (out, pool) in enumerate(convs):
         out = scale_width(out, width)
-        total += c * out * 9 + 2 * out if norm == "batch" else c * out * 9 + out
+        k2 = stem[0] ** 2 if i == 0 else 9
+        total += c * out * k2 + 2 * out if norm == "batch" else c * out * k2 + out
         c, pools = out, pools + pool
     d = c * (size // 2**pools) ** 2
     for h in hidden:
@@ -39,19 +40,19 @@ def plain_params(convs, hidden, c_in, size, classes, width, norm="batch") -> int
 @pytest.mark.parametrize("width", [1.0, 0.25])
 @pytest.mark.parametrize("norm", ["batch", "none"])
 def test_plain_nets_param_count_and_forward(name, width, norm):
-    convs, hidden, c_in, size, classes = PLAIN[name]
+    convs, hidden, c_in, size, classes, stem = PLAIN[name]
     net = build_model(name, width=width, norm=norm, num_classes=classes, in_channels=c_in,
                       input_size=size)
     assert sum(p.numel() for p in net.parameters()) == plain_params(
-        convs, hidden, c_in, size, classes, width, norm)
+        convs, hidden, c_in, size, classes, stem, width, norm)
     if width < 1:
         assert net(torch.randn(2, c_in, size, size)).shape == (2, classes)
 
 
 def test_svhn_default_size():
-    # the documented default: 13.68M parameters, almost all in convs 2-5 and fc1-fc2
+    # the documented default: 14.12M parameters, almost all in convs 2-5 and fc1-fc2
     net = build_model("svhn")
-    assert sum(p.numel() for p in net.parameters()) == 13_679_018
+    assert sum(p.numel() for p in net.parameters()) == 14_123_178
     assert [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == [
         "features.conv1", "features.conv2", "features.conv3", "features.conv4",
         "features.conv5", "classifier.fc1", "classifier.fc2", "classifier.out"]
@@ -65,7 +66,8 @@ def test_large_maps_doubles_resolution_keeps_classifier():
         net.features.conv3.register_forward_hook(
             lambda m, i, o, tag=tag: sizes.__setitem__(tag, o.shape[-1]))
         assert net(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    assert sizes == {"small": 16, "large": 32}
+    assert sizes == {"small": 8, "large": 16}
+    assert large.features.conv1.stride == (1, 1) and small.features.conv1.stride == (2, 2)
     assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in large.parameters())
 
 

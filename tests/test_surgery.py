@@ -89,9 +89,11 @@ def test_glob_override_order_and_table():
                                       "classifier.fc2"]
     assert [r.kind for r in rows][:2] == ["dense", "kron"]
     assert type(model.features.conv1) is nn.Conv2d
-    # conv3 (64->64 at 16x16): A (16,16,1,1), B (4,4,3,3): B stage 16*4*4*9, A stage 16*16*4
-    assert rows[2].params_after == 16 * 16 + 4 * 4 * 9
-    assert rows[2].macs_before == 64 * 64 * 9 * 16 * 16
+    # conv3 (64->128 at 8x8): A (16,16,1,1), B (8,4,3,3); per position the B stage costs
+    # C1 * F2*C2*9 MACs and the A stage F1*C1*F2
+    assert rows[2].params_after == 16 * 16 + 8 * 4 * 9
+    assert rows[2].macs_before == 128 * 64 * 9 * 8 * 8
+    assert rows[2].macs_after == (16 * 8 * 4 * 9 + 16 * 16 * 8) * 8 * 8
     table = format_table(rows)
     assert "features.conv3" in table and table.splitlines()[-1].startswith("total")
 
@@ -115,8 +117,8 @@ def test_budget_targets():
 
 def test_init_dense_recovers_exact_kronecker_weight():
     model = build_model("svhn", width=0.25).eval()
-    conv = model.features.conv3  # 32 -> 32
-    a, b = torch.randn(8, 8, 1, 1), torch.randn(4, 4, 3, 3)
+    conv = model.features.conv3  # 32 -> 64
+    a, b = torch.randn(8, 8, 1, 1), torch.randn(8, 4, 3, 3)
     with torch.no_grad():
         conv.weight.copy_(torch.kron(a, b))
     x = torch.randn(2, 3, 32, 32)
@@ -131,7 +133,7 @@ def test_init_dense_recovers_exact_kronecker_weight():
     ({"features.conv9": {"kind": "kron"}}, r"matches no Linear/Conv2d.*features\.conv3 Conv2d"),
     ({"features.bn1": {"kind": "kron"}}, r"is a BatchNorm2d"),
     ({"features.conv3": {"kind": "kron", "terms": [[5, 5, 1, 1]]}},
-     r"features\.conv3 Conv2d\(32->32, 3x3\).*valid"),
+     r"features\.conv3 Conv2d\(32->64, 3x3\).*valid"),
     ({"features.conv3": {"kind": "lowrank", "rank": 2}}, r"valid kinds here: \['dense', 'kron'"),
     ({"classifier.fc1": {"kind": "cp", "rank": 2}}, r"Linear\(1024->512\).*valid kinds"),
     ({"features.conv3": {"kind": "kron"}}, r"exactly one of 'terms'"),

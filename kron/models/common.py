@@ -39,16 +39,19 @@ class MaxPool2x2(nn.Module):
 
 
 class PlainConvNet(nn.Module):
-    """A 2015-style plain CNN: 3x3 conv (+BN) + ReLU blocks with 2x2 max-pools, then an MLP.
+    """A 2015-style plain CNN: a stem conv, 3x3 conv (+BN) + ReLU blocks with 2x2 max-pools,
+    then an MLP.
 
-    ``convs`` lists ``(out_channels, pool_after)`` per conv layer; ``hidden`` the widths of the
-    fully-connected layers before the classifier. Module names are stable and readable, so
-    layer surgery can address them: ``features.conv{i}``, ``classifier.fc{i}`` (1-based hidden
-    layers) and ``classifier.out`` (the final classifier layer).
+    ``convs`` lists ``(out_channels, pool_after)`` per conv layer; the first is the stem, with
+    kernel ``stem_kernel`` and stride ``stem_stride``, the others are 3x3, stride 1. ``hidden``
+    lists the widths of the fully-connected layers before the classifier. Module names are
+    stable so that layer surgery can address them: ``features.conv{i}``, ``classifier.fc{i}``
+    (1-based hidden layers) and ``classifier.out`` (the final classifier layer).
 
-    ``large_maps`` is the paper's "larger feature maps" variant: the first pooling moves to
-    the end of the conv stack, so every conv after it runs on 2x higher resolution (4x the
-    positions) while the classifier's input size stays the same.
+    ``large_maps`` is the paper's "larger feature maps" variant: the first 2x downsampling (a
+    strided stem, else the first pool) moves to the end of the conv stack, so every conv after
+    it runs on 2x higher resolution (4x the positions) while the classifier's input stays the
+    same size.
     """
 
     def __init__(
@@ -62,19 +65,27 @@ class PlainConvNet(nn.Module):
         large_maps: bool = False,
         norm: str = "batch",
         dropout: float = 0.0,
+        stem_kernel: int = 3,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', got {norm!r}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         pools = [bool(p) for _, p in convs]
-        extra_pool = large_maps and any(pools)
-        if extra_pool:
+        extra_pool = large_maps and (stem_stride == 2 or any(pools))
+        if large_maps and stem_stride == 2:
+            stem_stride = 1
+        elif extra_pool:
             pools[pools.index(True)] = False
         feats: OrderedDict[str, nn.Module] = OrderedDict()
         c, n_pool = in_channels, 0
         for i, ((out, _), pool) in enumerate(zip(convs, pools), start=1):
             out = scale_width(out, width)
-            feats[f"conv{i}"] = nn.Conv2d(c, out, 3, padding=1, bias=norm == "none")
+            k, st = (stem_kernel, stem_stride) if i == 1 else (3, 1)
+            feats[f"conv{i}"] = nn.Conv2d(c, out, k, stride=st, padding=k // 2,
+                                          bias=norm == "none")
             if norm == "batch":
                 feats[f"bn{i}"] = nn.BatchNorm2d(out)
             feats[f"relu{i}"] = nn.ReLU(inplace=True)
@@ -86,7 +97,7 @@ class PlainConvNet(nn.Module):
             n_pool += 1
             feats[f"pool{n_pool}"] = MaxPool2x2()
         self.features = nn.Sequential(feats)
-        side = input_size // 2**n_pool
+        side = input_size // 2 ** (n_pool + stem_stride - 1)
         if side < 1:
             raise ValueError(f"input_size {input_size} is too small for {n_pool} 2x2 pools")
         head: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
