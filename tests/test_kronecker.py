@@ -290,3 +290,20 @@ def test_inference_chunks_match_dense(monkeypatch, chunk_floats):
             torch.testing.assert_close(conv(x), ref)
             torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)),
                                        ref)
+
+
+def test_auto_choices_travel_with_the_state_dict():
+    """A resumed run runs what the original run chose, without measuring again."""
+    autotune.clear_cache()
+    layer = KronLinear(64, 64, [(8, 8)], implementation="auto")
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)
+    choice = layer.last_implementation
+    autotune.clear_cache()
+    other = KronLinear(64, 64, [(8, 8)], implementation="auto")
+    other.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        other(x)
+    assert other.last_implementation == choice
+    assert len(autotune._CACHE) == 0  # nothing was measured

@@ -73,6 +73,7 @@ class _KroneckerSum(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.weight_shape[0], **kw)) if bias else None
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._auto_choices: dict[str, str] = {}  # input signature -> "factored" | "dense"
         self.reset_parameters()
 
     # -- construction ---------------------------------------------------------------------
@@ -142,13 +143,21 @@ class _KroneckerSum(nn.Module):
         training = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
         )
-        key = (*self._signature(), tuple(x.shape), x.device.type, x.dtype, training,
-               x.is_contiguous())
-        choice = autotune.cached_choice(key)
+        local_key = f"{tuple(x.shape)}|{x.device.type}|{x.dtype}|{training}|{x.is_contiguous()}"
+        choice = self._auto_choices.get(local_key)
         if choice is not None:
             return choice
-        if torch.compiler.is_compiling():
+        key = (*self._signature(), local_key)
+        choice = autotune.cached_choice(key)
+        if choice is None and torch.compiler.is_compiling():
             return "factored"
+        if choice is None:
+            choice = self._measure_choice(key, x, training)
+        self._auto_choices[local_key] = choice
+        return choice
+
+    def _measure_choice(self, key: tuple, x: torch.Tensor, training: bool) -> str:
+        params = [*self.a_factors, *self.b_factors]
 
         def run(fn):
             if not training:
@@ -167,6 +176,14 @@ class _KroneckerSum(nn.Module):
                 {"factored": run(self._forward_factored), "dense": run(self._forward_dense)},
                 x.device,
             )
+
+    def get_extra_state(self) -> dict:
+        """The choices ``"auto"`` made, saved with the weights so that a resumed run executes
+        the same implementation (and so gets bit-identical numbers) without re-measuring."""
+        return {"auto_choices": dict(self._auto_choices)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._auto_choices.update(state.get("auto_choices", {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.resolved_implementation(x)
