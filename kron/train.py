@@ -72,29 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
-def autotune_state() -> list:
-    """The Kronecker layers' ``implementation="auto"`` choices so far, as primitives: a resumed
-    process must run the same dense/factored paths to be bit-identical."""
-    from kron.layers import autotune
-
-    def enc(v):
-        if isinstance(v, torch.dtype):
-            return "dtype:" + str(v).removeprefix("torch.")
-        return [enc(i) for i in v] if isinstance(v, tuple) else v
-    return [[enc(k), c] for k, c in getattr(autotune, "_CACHE", {}).items()]
-
-
-def load_autotune_state(state: list) -> None:
-    from kron.layers import autotune
-
-    def dec(v):
-        if isinstance(v, str) and v.startswith("dtype:"):
-            return getattr(torch, v[6:])
-        return tuple(dec(i) for i in v) if isinstance(v, list) else v
-    if hasattr(autotune, "_CACHE"):
-        autotune._CACHE.update({dec(k): c for k, c in state})
-
-
 def get_lr(step: int, total_steps: int, base_lr: float, sched: DictConfig) -> float:
     """Learning rate at ``step``: linear warm-up, then cosine / step decay / constant."""
     warmup = int(sched.get("warmup_steps", 0))
@@ -284,7 +261,6 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
         wandb_id = ckpt.get("wandb_id")
         set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
-        load_autotune_state(ckpt.get("autotune", []))
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
 
@@ -357,7 +333,7 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
             history.append(record)
             if master:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items()))
+                               for k, v in record.items()), flush=True)
                 if run is not None:
                     run.log(record, step=epoch + 1)
             # -- atomic checkpoint (tensors and primitive containers only) ------------------
@@ -369,8 +345,7 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
                 ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                         "epoch": epoch + 1, "step": step, "history": history, "rng": states,
-                        "wandb_id": wandb_id, "autotune": autotune_state(),
-                        "config": OmegaConf.to_yaml(cfg, resolve=True)}
+                        "wandb_id": wandb_id, "config": OmegaConf.to_yaml(cfg, resolve=True)}
                 atomic_write_bytes(out_dir / CKPT_NAME, lambda t, c=ckpt: torch.save(c, t))
             if ddp:
                 dist.barrier()

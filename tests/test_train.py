@@ -76,8 +76,9 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_data, tmp_path):
     a = torch.load(tmp_path / "full" / CKPT_NAME, weights_only=True)
     b = torch.load(tmp_path / "resumed" / CKPT_NAME, weights_only=True)
     assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["model"].items():  # tensors, and the layers' extra state (auto choices)
+        assert torch.equal(v, b["model"][k]) if torch.is_tensor(v) else v == b["model"][k], k
+
     def curves(res):  # everything but the wall-clock throughput
         return [{k: v for k, v in h.items() if k != "train_images_per_s"} for h in res["history"]]
     assert curves(full) == curves(resumed) and resumed["epochs_done"] == 2
@@ -110,7 +111,7 @@ def test_resume_bit_identical_with_workers_and_augmentation(tiny_data, tmp_path)
     run(tmp_path / "cut", [*over, "resume=true"])
     a = torch.load(tmp_path / "full" / CKPT_NAME, weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / CKPT_NAME, weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
 @pytest.mark.slow
@@ -128,7 +129,8 @@ def test_ddp_two_cpu_processes_equal_one_process(tiny_data, tmp_path):
                     f"hydra.run.dir={ddp}"], cwd=ROOT, env=env, check=True, timeout=600)
     a = torch.load(single / CKPT_NAME, weights_only=True)
     b = torch.load(ddp / CKPT_NAME, weights_only=True)
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    for k, v in a["model"].items():
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, b["model"][k], rtol=1e-5, atol=1e-6)
     res = json.loads((ddp / "results.json").read_text())
     assert res["world_size"] == 2 and res["epochs_done"] == 2
