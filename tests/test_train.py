@@ -92,6 +92,20 @@ def test_resume_true_finds_the_run_folder(tiny_data, tmp_path):
     assert res["epochs_done"] == 2 and res["history"][0]["epoch"] == 1
 
 
+def test_init_from_dense_run_fits_swapped_layers(tiny_data, tmp_path):
+    # a trained dense run, then a Kronecker run fitted from its checkpoint (`init: dense`) with
+    # trivial A shapes (B = the whole weight, an exact fit) and lr 0: the same test loss
+    over = [*tiny_data, "epochs=1", "measure.enabled=false", "model.norm=none"]
+    dense = run(tmp_path / "dense", [*over, "layers=dense"])
+    spec = ("+layers={features.conv3: {kind: kron, terms: [[1, 1, 1, 1]], init: dense},"
+            "classifier.fc1: {kind: kron, terms: [[1, 1]], init: dense}}")
+    fitted = run(tmp_path / "kron", [*over, "layers=dense", spec, "optimizer.lr=0",
+                                     f"init_from={tmp_path / 'dense'}"])
+    assert [r["name"] for r in fitted["surgery"]] == ["features.conv3", "classifier.fc1"]
+    assert fitted["test_loss"] == pytest.approx(dense["test_loss"], rel=1e-4)
+    assert fitted["test_acc1"] == dense["test_acc1"]
+
+
 def test_cli_run_writes_results_in_hydra_folder(tiny_data, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled"}
