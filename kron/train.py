@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +37,8 @@ from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery, format_table
 
 CKPT_NAME = "last.pt"
+#: the config tree beside the package (absolute, so the `kron-train` script finds it too)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,6 +162,9 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         shared = [str(out_dir)]
         dist.broadcast_object_list(shared, src=0)  # every rank writes into rank 0's folder
+        if rank > 0 and Path(shared[0]) != out_dir and out_dir.is_dir() and {
+                p.name for p in out_dir.iterdir()} <= {".hydra", "train.log"}:
+            shutil.rmtree(out_dir, ignore_errors=True)  # this rank's own, unused Hydra folder
         out_dir = Path(shared[0])
     else:
         rank, world, local_rank = 0, 1, 0
@@ -407,18 +413,25 @@ def measure_run(cfg: DictConfig, model: nn.Module, build_dense, chw: tuple[int, 
         x = torch.randn(m.batch_size, in_ch, size, size, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        lat = measure.measure_latency({"model": model, "dense": dense}, x, warmup=m.warmup,
-                                      repeats=m.repeats)
+        threads = torch.get_num_threads()
+        if m.get("threads"):  # e.g. 1 on a busy machine, where spinning OpenMP threads stall
+            torch.set_num_threads(int(m.threads))
+        try:
+            lat = measure.measure_latency({"model": model, "dense": dense}, x,
+                                          warmup=m.warmup, repeats=m.repeats)
+        finally:
+            latency_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
         out.update(latency_ms=lat["model"], latency_dense_ms=lat["dense"],
                    speedup=measure.speedup(lat["model"], lat["dense"]),
                    latency_batch_size=m.batch_size, latency_device=str(device),
-                   latency_threads=torch.get_num_threads())
+                   latency_threads=latency_threads)
     else:
         out.update(latency_ms=None, latency_dense_ms=None, speedup=None)
     return out
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry: the run folder and overrides come from Hydra; returns test top-1."""
     hc = HydraConfig.get()
