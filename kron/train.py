@@ -120,7 +120,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp_ctx
 
 def find_resume(resume: Any, out_dir: Path, overrides: list[str]) -> Path | None:
     """The checkpoint to resume from: an explicit file/folder, or with ``resume=true`` this run's
-    folder, else the newest sibling run folder with the same overrides that has a checkpoint."""
+    folder, else the newest earlier run folder (two levels up: any day's runs, or this sweep)
+    with the same overrides that has a checkpoint."""
     if resume in (None, False, "false", "False", ""):
         return None
     if resume not in (True, "true", "True"):
@@ -135,8 +136,8 @@ def find_resume(resume: Any, out_dir: Path, overrides: list[str]) -> Path | None
     def key(ov: list[str]) -> list[str]:
         return sorted(o for o in ov if not o.startswith(("resume=", "hydra.")))
 
-    want = key(overrides)
-    for run in sorted(out_dir.parent.rglob(CKPT_NAME), key=lambda p: p.stat().st_mtime,
+    want = key(overrides)  # search outputs/runs/*/* (any day), or this sweep's folder
+    for run in sorted(out_dir.parents[1].rglob(CKPT_NAME), key=lambda p: p.stat().st_mtime,
                       reverse=True):
         ov = run.parent / ".hydra" / "overrides.yaml"
         if run.parent != out_dir and ov.is_file() and key(list(OmegaConf.load(ov))) == want:

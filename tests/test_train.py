@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from kron.train import CKPT_NAME, train
 
@@ -90,6 +91,22 @@ def test_resume_true_finds_the_run_folder(tiny_data, tmp_path):
     run(tmp_path, [*over, "stop_after_epochs=1"])
     res = run(tmp_path, [*over, "resume=true"])
     assert res["epochs_done"] == 2 and res["history"][0]["epoch"] == 1
+
+
+def test_resume_true_finds_an_earlier_run_with_same_overrides(tiny_data, tmp_path):
+    # Hydra gives each launch a new folder: resume=true looks for the newest earlier run (any
+    # day under outputs/runs) whose recorded overrides equal this one's, resume= aside
+    over = [*tiny_data, "epochs=2", "measure.enabled=false"]
+    first = tmp_path / "runs" / "day1" / "10-00-00_000001"
+    train(compose_cfg([*over, "stop_after_epochs=1"]), first, over)  # killed after epoch 1
+    (first / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(over), first / ".hydra" / "overrides.yaml")
+    other = tmp_path / "runs" / "day1" / "09-00-00_000001"  # different overrides: not it
+    train(compose_cfg([*over, "seed=1", "stop_after_epochs=1"]), other, [*over, "seed=1"])
+    res = run(tmp_path / "runs" / "day2" / "11-00-00_000001", [*over, "resume=true"])
+    epoch1 = torch.load(first / CKPT_NAME, weights_only=True)["history"][0]
+    assert res["epochs_done"] == 2
+    assert res["history"][0] == epoch1  # carried over (wall-clock throughput included)
 
 
 def test_init_from_dense_run_fits_swapped_layers(tiny_data, tmp_path):
