@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,6 +53,15 @@ def atomic_write_bytes(path: Path, write) -> None:
 def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON atomically (temp file + ``os.replace``)."""
     atomic_write_bytes(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str)))
+
+
+def git_commit() -> str | None:
+    """The kron checkout's commit (for the tables' provenance), or None outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -375,7 +385,8 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
                 "test_loss": final.get("test_loss"), "train_images_per_s": ips,
                 "epochs_done": len(history), "history": history,
                 "surgery": [r.as_dict() for r in rows], "world_size": world,
-                "wandb_id": wandb_id, "run_dir": str(out_dir),
+                "wandb_id": wandb_id, "run_dir": str(out_dir), "git_commit": git_commit(),
+                "torch_version": torch.__version__,
                 "config": resolved, "overrides": overrides,
             })
             write_json(out_dir / "results.json", results)
