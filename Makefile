@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kron-installed
 
-.PHONY: setup test test-all lint bench clean
+.PHONY: setup test test-all lint bench demo clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## the layer benchmark table (CPU, and CUDA when present)
 	$(PY) -m kron.bench layers
+
+demo: $(STAMP)  ## synthetic SVHN -> the small SVHN table (6 runs, minutes on 2 CPU cores) -> table + plots
+	$(PY) -m kron.tables demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,201 @@
+"""``kron-tables``: list, run, render and sweep paper tables; ``demo`` is ``make demo``.
+
+    kron-tables list
+    kron-tables run svhn [--rows dense,kron_c16] [--redo] [--launcher joblib|slurm] [overrides]
+    kron-tables render svhn [--wandb ENTITY/PROJECT]
+    kron-tables sweep NAME --layer classifier.fc1 --param-ratio 0.05 [--dry-run] [overrides]
+    kron-tables demo
+
+Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/, table.md,
+table.csv, table.tex, error_vs_params.png/.pdf, error_vs_speedup.png/.pdf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kron.tables import render as R
+from kron.tables.io import atomic_write_text
+from kron.tables.plots import plot_table
+from kron.tables.results import RunResult, collect, collect_wandb, table_dir
+from kron.tables.run import LAUNCHERS, run_table
+from kron.tables.spec import Table, list_tables, load_table
+
+DEMO_TABLE = "svhn_demo"
+
+
+def find_table(name: str, out: str | Path | None = None) -> Table:
+    """A declared table (experiments/), else a generated one (<out>/tables/<name>/table.yaml)."""
+    generated = table_dir(name, out) / "table.yaml"
+    if name not in list_tables() and generated.is_file():
+        return load_table(str(generated))
+    return load_table(name)
+
+
+def render_table(table: Table, results: Sequence[RunResult],
+                 out: str | Path | None = None) -> tuple[str, list[Path]]:
+    """Write table.md/.csv/.tex and the plots; returns the Markdown and the written paths."""
+    folder = table_dir(table.name, out)
+    md = R.to_markdown(table, results)
+    paths = [atomic_write_text(folder / "table.md", md),
+             atomic_write_text(folder / "table.csv", R.to_csv(table, results, base=folder)),
+             atomic_write_text(folder / "table.tex", R.to_latex(table, results))]
+    paths += plot_table(R.metrics(results, table.reference), folder, table.title)
+    return md, paths
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    table = find_table(args.table, args.out)
+    results = (collect_wandb(table, args.wandb) if args.wandb else collect(table, args.out))
+    md, paths = render_table(table, results, args.out)
+    if not args.quiet:
+        print(md)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    table = find_table(args.table, args.out)
+    rows = args.rows.split(",") if args.rows else None
+    code = run_table(table, rows=rows, out=args.out, redo=args.redo, launcher=args.launcher,
+                     extra=args.overrides, dry_run=args.dry_run)
+    if args.render and not args.dry_run:
+        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None,
+                                      quiet=False))
+    return code
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kron.tables.sweep import compose_base, enumerate_points, write_sweep
+
+    cfg = compose_base(args.overrides)
+    points = enumerate_points(cfg, args.layer, rank=args.rank, param_ratio=args.param_ratio,
+                              mac_ratio=args.mac_ratio)
+    budget = ", ".join(f"{k} <= {v}" for k, v in (("param ratio", args.param_ratio),
+                                                   ("MAC ratio", args.mac_ratio)) if v)
+    print(f"sweep {args.name}: {len(points)} shape(s) within {budget}:")
+    for p in points:
+        f = p.shape
+        mac = "" if f.mac_ratio is None else f"  MAC ratio {f.mac_ratio:.4f}"
+        print(f"  {p.layer:24s} A {str(f.a_shape):18s} B {str(f.b_shape):18s} "
+              f"params {f.params:>9,}  ratio {f.param_ratio:.4f}{mac}")
+    if len(points) > args.max_points:
+        print(f"{len(points)} runs exceed --max-points {args.max_points}; tighten the budget or "
+              "raise --max-points", file=sys.stderr)
+        return 2
+    table = write_sweep(args.name, cfg, points, args.overrides, args.out, budget)
+    print(f"wrote {table_dir(table.name, args.out) / 'table.yaml'} and its experiment configs")
+    code = run_table(table, out=args.out, redo=args.redo, launcher=args.launcher,
+                     dry_run=args.dry_run)
+    if not args.dry_run:
+        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None, quiet=False))
+    return code
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in list_tables():
+        t = load_table(name)
+        print(f"{name:22s} {len(t.rows):2d} rows  {t.title}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate synthetic SVHN, run the small SVHN table, render it, say where things are."""
+    from hydra import compose, initialize_config_dir
+
+    from kron.data.synthetic import ensure_synth_svhn
+    from kron.tables.sweep import CONFIGS
+
+    t0 = time.perf_counter()
+    table = load_table(DEMO_TABLE)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={table.rows[0].experiment}",
+                                          *table.overrides])
+    print(f"[demo] synthetic SVHN in {cfg.data.root} (rendered on first use)", flush=True)
+    ensure_synth_svhn(cfg.data.root, **cfg.data.synth)
+    code = run_table(table, out=args.out, redo=args.redo)
+    results = collect(table, args.out)
+    md, paths = render_table(table, results, args.out)
+    folder = table_dir(table.name, args.out)
+    print("\n" + md)
+    print(f"[demo] table: {folder / 'table.md'} (.csv, .tex)")
+    print(f"[demo] plots: {folder / 'error_vs_params.png'}, {folder / 'error_vs_speedup.png'} "
+          "(and .pdf)")
+    offline = sorted(folder.glob("runs/*/*/wandb/offline-run-*"))
+    if offline:
+        print(f"[demo] W&B offline runs: {len(offline)} under {folder / 'runs'}; upload with\n"
+              f"         wandb sync {folder / 'runs'}/*/*/wandb/offline-run-*")
+    else:
+        print("[demo] no W&B offline runs (WANDB_MODE was disabled?)")
+    print(f"[demo] wall time {time.perf_counter() - t0:.0f} s")
+    return code or (0 if all(r.status == "ok" for r in results) else 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kron-tables", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=None,
+                        help="outputs root (default $KRON_OUTPUTS or outputs)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the declared tables").set_defaults(fn=cmd_list)
+
+    r = sub.add_parser("run", parents=[common], help="launch a table's runs (a Hydra multirun)")
+    r.add_argument("table")
+    r.add_argument("--rows", help="comma-separated row ids (default: all)")
+    r.add_argument("--redo", action="store_true", help="rerun rows that have results.json")
+    r.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    r.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    r.add_argument("--render", action="store_true", help="render the table afterwards")
+    r.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("render", parents=[common], help="write table.md/.csv/.tex and the plots")
+    d.add_argument("table")
+    d.add_argument("--wandb", metavar="ENTITY/PROJECT",
+                   help="read results from W&B summaries instead of local results.json")
+    d.add_argument("--quiet", action="store_true", help="do not print the Markdown")
+    d.set_defaults(fn=cmd_render)
+
+    s = sub.add_parser("sweep", parents=[common],
+                       help="train every Kronecker shape of layers within a budget")
+    s.add_argument("name")
+    s.add_argument("--layer", action="append", required=True,
+                   help="layer name or glob (repeatable; swept one at a time)")
+    s.add_argument("--param-ratio", type=float)
+    s.add_argument("--mac-ratio", type=float)
+    s.add_argument("--rank", type=int, default=1)
+    s.add_argument("--max-points", type=int, default=40)
+    s.add_argument("--redo", action="store_true")
+    s.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
+    s.set_defaults(fn=cmd_sweep)
+
+    m = sub.add_parser("demo", parents=[common],
+                       help="make demo: the small SVHN table on synthetic data")
+    m.add_argument("--redo", action="store_true")
+    m.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # overrides placed after options (argparse stops collecting positionals there)
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"kron-tables: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

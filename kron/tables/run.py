@@ -1,0 +1,122 @@
+"""Launch a table's runs as one Hydra multirun of ``kron.train``.
+
+Rows are swept over ``experiment=``; each lands in ``<out>/tables/<table>/runs/<experiment>/``
+(``hydra.sweep.subdir`` is the experiment's name), which is where ``render`` looks. Rows whose
+``results.json`` exists are skipped unless ``redo``; a redone row's old folder is renamed, not
+deleted. ``launcher`` picks configs/launcher/<name>.yaml (local: one after another; joblib:
+local processes in parallel; slurm: submitit).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kron.tables.results import RESULTS, run_dir, runs_dir
+from kron.tables.spec import Row, Table
+
+LAUNCHERS = ("local", "joblib", "slurm")
+
+
+def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
+    """The rows named in ``ids`` (all when empty), in table order; unknown ids are an error."""
+    if not ids:
+        return list(table.rows)
+    for i in ids:
+        table.row(i)  # raises naming the valid ids
+    return [r for r in table.rows if r.id in set(ids)]
+
+
+def pending(table: Table, rows: Sequence[Row], out: str | Path | None,
+            redo: bool) -> tuple[list[Row], list[Row]]:
+    """Split ``rows`` into (to run, skipped because results.json exists)."""
+    todo, skipped = [], []
+    for r in rows:
+        done = (run_dir(table.name, r, out) / RESULTS).is_file()
+        (skipped if done and not redo else todo).append(r)
+    return todo, skipped
+
+
+def _has_top_level_comma(value: str) -> bool:
+    depth = 0
+    for c in value:
+        depth += c in "[{("
+        depth -= c in "]})"
+        if c == "," and depth == 0:
+            return True
+    return False
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Reject overrides that would break the one-folder-per-row layout."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "experiment":
+            raise ValueError(f"override {o!r}: rows choose the experiment; use --rows instead")
+        if key.startswith("hydra.sweep"):
+            raise ValueError(f"override {o!r}: kron-tables sets hydra.sweep.* itself")
+        if value.startswith(("glob(", "range(", "choice(")) or _has_top_level_comma(value):
+            raise ValueError(f"override {o!r} sweeps several values; one table run gives one "
+                             "folder per row, so run the table once per value instead")
+
+
+def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None = None,
+                     launcher: str = "local", extra: Sequence[str] = ()) -> list[str]:
+    """The ``python -m kron.train -m ...`` command line that runs ``rows``."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
+    if not rows:
+        raise ValueError(f"table {table.name!r}: no rows to run")
+    check_overrides([*table.overrides, *extra])
+    sweep_dir = runs_dir(table.name, out).resolve()
+    cmd = [sys.executable, "-m", "kron.train", "-m",
+           "experiment=" + ",".join(r.experiment for r in rows),
+           *table.overrides, *extra,
+           f"hydra.sweep.dir={sweep_dir}",
+           "hydra.sweep.subdir=${hydra:runtime.choices.experiment}"]
+    if launcher != "local":
+        cmd.append(f"launcher={launcher}")
+    return cmd
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a row's old run folder to ``<folder>.old-<time>`` before it is redone."""
+    target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    folder.rename(target)
+    return target
+
+
+def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Path | None = None,
+              redo: bool = False, launcher: str = "local", extra: Sequence[str] = (),
+              dry_run: bool = False) -> int:
+    """Run the table's pending rows; returns the multirun's exit status (0 if nothing to do)."""
+    chosen = select_rows(table, rows)
+    todo, skipped = pending(table, chosen, out, redo)
+    for r in skipped:
+        print(f"skip {r.id}: {run_dir(table.name, r, out) / RESULTS} exists (--redo reruns it)")
+    if not todo:
+        print(f"{table.name}: every selected row has results; nothing to run")
+        return 0
+    cmd = multirun_command(table, todo, out, launcher, extra)
+    print(f"{table.name}: running {len(todo)} row(s): {', '.join(r.id for r in todo)}")
+    print("$ " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return 0
+    if redo:
+        for r in todo:
+            folder = run_dir(table.name, r, out)
+            if folder.exists():
+                print(f"redo {r.id}: old folder moved to {set_aside(folder)}")
+    code = subprocess.call(cmd)
+    if code:
+        print(f"{table.name}: the multirun exited with status {code}; rows without results "
+              "are marked failed by `kron-tables render`", file=sys.stderr)
+    return code

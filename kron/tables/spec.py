@@ -1,0 +1,138 @@
+"""Paper tables as data: each ``experiments/<name>.yaml`` declares one table's runs.
+
+A table is a list of rows; each row is one Hydra experiment config (``configs/experiment/``)
+plus what the paper states about it. Shared ``overrides`` (e.g. the dataset) apply to every
+run; ``smoke`` overrides make each row runnable on tiny synthetic data (the tests use them). A
+table may ``extends`` another and pick a subset of its rows (the demo table does).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+FAMILIES = ("dense", "kron", "lowrank")
+PAPER_KEYS = ("acc1", "error", "params", "param_reduction", "speedup")
+#: The only numbers the paper is known to state here (its abstract); which experiment they
+#: come from is not stated.
+PAPER_HEADLINE = ("3.3x speedup or 3.6x parameter reduction with less than 1% drop in "
+                  "accuracy (abstract; the experiment it refers to is not stated)")
+TABLE_KEYS = {"name", "title", "paper", "reference", "overrides", "smoke", "reconstruction",
+              "notes", "rows", "extends", "headline"}
+ROW_KEYS = {"id", "experiment", "label", "family", "paper"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run of a table: its experiment config, display label, family and paper numbers."""
+
+    id: str
+    experiment: str
+    label: str
+    family: str
+    paper: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A declared paper table (see the module docstring)."""
+
+    name: str
+    title: str
+    rows: tuple[Row, ...]
+    paper: str = ""
+    reference: str | None = None
+    overrides: tuple[str, ...] = ()
+    smoke: tuple[str, ...] = ()
+    reconstruction: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    headline: bool = True
+
+    def row(self, row_id: str) -> Row:
+        for r in self.rows:
+            if r.id == row_id:
+                return r
+        raise KeyError(f"table {self.name!r} has no row {row_id!r}; rows: "
+                       f"{', '.join(r.id for r in self.rows)}")
+
+
+def experiments_dir() -> Path:
+    """Where table declarations live: ``$KRON_EXPERIMENTS`` or the repository's experiments/."""
+    return Path(os.environ.get("KRON_EXPERIMENTS", REPO / "experiments"))
+
+
+def list_tables(root: Path | None = None) -> list[str]:
+    """Names of all declared tables."""
+    return sorted(p.stem for p in (root or experiments_dir()).glob("*.yaml"))
+
+
+def _row(table: str, raw: Any) -> Row:
+    if not isinstance(raw, dict) or not {"id", "experiment"} <= set(raw):
+        raise ValueError(f"table {table!r}: each row needs 'id' and 'experiment', got {raw!r}")
+    bad = set(raw) - ROW_KEYS
+    if bad:
+        raise ValueError(f"table {table!r}, row {raw['id']!r}: unknown keys {sorted(bad)}")
+    family = raw.get("family", "kron")
+    if family not in FAMILIES:
+        raise ValueError(f"table {table!r}, row {raw['id']!r}: family must be one of "
+                         f"{list(FAMILIES)}, got {family!r}")
+    paper = dict(raw.get("paper") or {})
+    if set(paper) - set(PAPER_KEYS):
+        raise ValueError(f"table {table!r}, row {raw['id']!r}: paper keys must be among "
+                         f"{list(PAPER_KEYS)}, got {sorted(paper)}")
+    return Row(str(raw["id"]), str(raw["experiment"]), str(raw.get("label", raw["id"])),
+               family, paper)
+
+
+def table_from_dict(raw: dict[str, Any], root: Path | None = None) -> Table:
+    """Build a :class:`Table` from its YAML mapping (resolving ``extends``)."""
+    name = raw.get("name")
+    if not name:
+        raise ValueError(f"a table declaration needs a 'name', got keys {sorted(raw)}")
+    bad = set(raw) - TABLE_KEYS
+    if bad:
+        raise ValueError(f"table {name!r}: unknown keys {sorted(bad)}; valid: {sorted(TABLE_KEYS)}")
+    tup = lambda key: tuple(str(v) for v in raw.get(key) or ())  # noqa: E731
+    if raw.get("extends"):
+        base = load_table(raw["extends"], root)
+        ids = raw.get("rows") or [r.id for r in base.rows]
+        if not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"table {name!r} extends {base.name!r}: rows must be row ids")
+        return replace(
+            base, name=name, title=raw.get("title", base.title),
+            rows=tuple(base.row(i) for i in ids),
+            reference=raw.get("reference", base.reference),
+            overrides=base.overrides + tup("overrides"), smoke=base.smoke + tup("smoke"),
+            reconstruction=base.reconstruction + tup("reconstruction"),
+            notes=base.notes + tup("notes"), headline=raw.get("headline", base.headline))
+    rows = tuple(_row(name, r) for r in raw.get("rows") or ())
+    if not rows:
+        raise ValueError(f"table {name!r} declares no rows")
+    ids = [r.id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"table {name!r}: duplicate row ids in {ids}")
+    ref = raw.get("reference")
+    if ref is not None and ref not in ids:
+        raise ValueError(f"table {name!r}: reference {ref!r} is not a row id ({', '.join(ids)})")
+    return Table(name=name, title=str(raw.get("title", name)), rows=rows,
+                 paper=str(raw.get("paper", "")), reference=ref, overrides=tup("overrides"),
+                 smoke=tup("smoke"), reconstruction=tup("reconstruction"), notes=tup("notes"),
+                 headline=bool(raw.get("headline", True)))
+
+
+def load_table(name: str, root: Path | None = None) -> Table:
+    """Load ``experiments/<name>.yaml`` (or a path to a YAML file)."""
+    root = root or experiments_dir()
+    path = Path(name) if name.endswith((".yaml", ".yml")) else root / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no table {name!r} (looked for {path}); tables: "
+                         f"{', '.join(list_tables(root)) or 'none'}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a table declaration must be a YAML mapping")
+    return table_from_dict(raw, path.parent)
