@@ -57,7 +57,8 @@ def toy(tmp_path):
     epochs, one folder without results.json (failed) and one row never run (missing)."""
     table = table_from_dict(DECL)
     runs = {"dense": result(92.5, 1_000_000, 20_000_000, 1.0),
-            "kron_a": result(91.75, 250_000, 5_000_000, 3.2),
+            "kron_a": {**result(91.75, 250_000, 19_000_000, 3.2),  # 19M ran (auto: composed)
+                       "surgery": [{"macs_before": 16_000_000, "macs_after": 1_000_000}]},
             "kron_b": result(90.0, 20_000, 1_000_000, 12.0, done=1)}
     for row in table.rows:
         folder = run_dir(table.name, row, tmp_path)
@@ -85,8 +86,8 @@ Speedup (measured) | Paper | Status |
 | Large maps | kron | – | – | – | – | – | – | – | – | not stated | **missing** |
 
 Param./MAC reduction and speedup are against each run's own dense twin (same net, no layer \
-swapped), speedup measured in the same process; Δ error is in points against the reference row \
-(dense).
+swapped), speedup measured in the same process; MACs are per image, of the factored layers \
+(table.csv's macs_executed: what ran); Δ error is in points against the reference row (dense).
 
 - Paper's headline: 3.3x speedup or 3.6x parameter reduction with less than 1% drop in accuracy \
 (abstract; the experiment it refers to is not stated).
@@ -103,15 +104,15 @@ Reconstruction choices:
 
 EXPECTED_CSV = """\
 id,label,family,status,test_acc1,test_err1,delta_err,params,params_dense,param_reduction,macs,\
-macs_dense,mac_reduction,speedup,latency_ms,latency_dense_ms,epochs_done,paper,run_dir
-dense,Dense,dense,ok,92.5,7.5,0.0,1000000,1000000,1.0,20000000,20000000,1.0,1.0,10.0,10.0,2,\
-not stated,runs/toy_table/dense
-kron_a,Kron A,kron,ok,91.75,8.25,0.75,250000,1000000,4.0,5000000,20000000,4.0,3.2,3.125,10.0,2,\
-not stated,runs/toy_table/kron_a
-kron_b,Kron B,kron,incomplete,90.0,10.0,2.5,20000,1000000,50.0,1000000,20000000,20.0,12.0,0.8333,\
-10.0,1,not stated,runs/toy_table/kron_b
-lowrank,Low-rank,lowrank,failed,,,,,,,,,,,,,,not stated,runs/toy_table/lowrank
-large,Large maps,kron,missing,,,,,,,,,,,,,,not stated,runs/toy_table/large
+macs_dense,mac_reduction,macs_executed,speedup,latency_ms,latency_dense_ms,epochs_done,paper,run_dir
+dense,Dense,dense,ok,92.5,7.5,0.0,1000000,1000000,1.0,20000000,20000000,1.0,20000000,1.0,10.0,10.0,\
+2,not stated,runs/toy_table/dense
+kron_a,Kron A,kron,ok,91.75,8.25,0.75,250000,1000000,4.0,5000000,20000000,4.0,19000000,3.2,3.125,\
+10.0,2,not stated,runs/toy_table/kron_a
+kron_b,Kron B,kron,incomplete,90.0,10.0,2.5,20000,1000000,50.0,1000000,20000000,20.0,1000000,12.0,\
+0.8333,10.0,1,not stated,runs/toy_table/kron_b
+lowrank,Low-rank,lowrank,failed,,,,,,,,,,,,,,,not stated,runs/toy_table/lowrank
+large,Large maps,kron,missing,,,,,,,,,,,,,,,not stated,runs/toy_table/large
 """
 
 

@@ -22,7 +22,7 @@ from kron.tables import render as R
 from kron.tables.io import atomic_write_text
 from kron.tables.plots import plot_table
 from kron.tables.results import RunResult, collect, collect_wandb, table_dir
-from kron.tables.run import LAUNCHERS, run_table
+from kron.tables.run import run_table
 from kron.tables.spec import Table, list_tables, load_table
 
 DEMO_TABLE = "svhn_demo"
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("table")
     r.add_argument("--rows", help="comma-separated row ids (default: all)")
     r.add_argument("--redo", action="store_true", help="rerun rows that have results.json")
-    r.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    r.add_argument("--launcher", default="local",
+                   help="a configs/launcher/ name: local (default), joblib, slurm, slurm_cpu")
     r.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     r.add_argument("--render", action="store_true", help="render the table afterwards")
     r.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=1)
     s.add_argument("--max-points", type=int, default=40)
     s.add_argument("--redo", action="store_true")
-    s.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    s.add_argument("--launcher", default="local", help="as for run")
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     s.set_defaults(fn=cmd_sweep)

@@ -18,6 +18,7 @@ from kron.tables.spec import PAPER_HEADLINE, Table
 DASH = "–"
 CSV_FIELDS = ("id", "label", "family", "status", "test_acc1", "test_err1", "delta_err",
               "params", "params_dense", "param_reduction", "macs", "macs_dense", "mac_reduction",
+              "macs_executed",
               "speedup", "latency_ms", "latency_dense_ms", "epochs_done", "paper", "run_dir")
 COLUMNS = ("Row", "Family", "Top-1 (%)", "Error (%)", "Δ error", "Params", "Param. red.",
            "MACs", "MAC red.", "Speedup (measured)", "Paper", "Status")
@@ -56,6 +57,19 @@ def _div(d: dict[str, Any], a: str, b: str) -> float | None:
     return None if x is None or y in (None, 0) else float(x) / float(y)
 
 
+def factored_macs(d: dict[str, Any]) -> int | None:
+    """MACs per image of the factored net: the dense twin's minus what the surgery saved.
+
+    The surgery rows hold each swapped layer's analytic count of its factored execution;
+    ``macs`` in results.json is what ran, and ``implementation=auto`` may run a layer composed
+    (as one dense op) when that is faster, which hides the reduction.
+    """
+    rows, dense = d.get("surgery"), d.get("macs_dense")
+    if not rows or dense is None:
+        return d.get("macs")
+    return int(dense) - sum(int(r["macs_before"]) - int(r["macs_after"]) for r in rows)
+
+
 def metrics(results: Sequence[RunResult], reference: str | None) -> list[dict[str, Any]]:
     """One dict per row with the raw and derived numbers (None where unknown)."""
     ref = next((r for r in results if r.row.id == reference and r.ok), None)
@@ -63,6 +77,7 @@ def metrics(results: Sequence[RunResult], reference: str | None) -> list[dict[st
     out = []
     for r in results:
         d = r.data if r.ok else {}
+        d = {**d, "macs_executed": d.get("macs"), "macs": factored_macs(d)} if d else d
         acc = d.get("test_acc1")
         err = None if acc is None else 100.0 - float(acc)
 
@@ -75,7 +90,8 @@ def metrics(results: Sequence[RunResult], reference: str | None) -> list[dict[st
             "params": d.get("params"), "params_dense": d.get("params_dense"),
             "param_reduction": _div(d, "params_dense", "params"),
             "macs": d.get("macs"), "macs_dense": d.get("macs_dense"),
-            "mac_reduction": _div(d, "macs_dense", "macs"), "speedup": d.get("speedup"),
+            "mac_reduction": _div(d, "macs_dense", "macs"), "macs_executed": d.get("macs_executed"),
+            "speedup": d.get("speedup"),
             "latency_ms": d.get("latency_ms"), "latency_dense_ms": d.get("latency_dense_ms"),
             "epochs_done": d.get("epochs_done"), "paper": paper_cell(r.row.paper),
             "run_dir": r.path,
@@ -134,7 +150,8 @@ def to_markdown(table: Table, results: Sequence[RunResult]) -> str:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in
                                      _cells(m, lambda s: f"**{s}**")) + " |")
     out += ["", "Param./MAC reduction and speedup are against each run's own dense twin (same "
-            "net, no layer swapped), speedup measured in the same process; Δ error is in points "
+            "net, no layer swapped), speedup measured in the same process; MACs are per image, "
+            "of the factored layers (table.csv's macs_executed: what ran); Δ error is in points "
             f"against the reference row ({table.reference or 'none'})."]
     if table.headline:
         out += [""] + [f"- {line}" for line in headline_lines(rows, table)]

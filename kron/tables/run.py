@@ -4,7 +4,7 @@ Rows are swept over ``experiment=``; each lands in ``<out>/tables/<table>/runs/<
 (``hydra.sweep.subdir`` is the experiment's name), which is where ``render`` looks. Rows whose
 ``results.json`` exists are skipped unless ``redo``; a redone row's old folder is renamed, not
 deleted. ``launcher`` picks configs/launcher/<name>.yaml (local: one after another; joblib:
-local processes in parallel; slurm: submitit).
+local processes in parallel; slurm, slurm_cpu: submitit).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kron.tables.results import RESULTS, run_dir, runs_dir
-from kron.tables.spec import Row, Table
+from kron.tables.spec import REPO, Row, Table
 
-LAUNCHERS = ("local", "joblib", "slurm")
+
+def launchers() -> list[str]:
+    """The launcher configs (configs/launcher/*.yaml): local, joblib, slurm, slurm_cpu, ..."""
+    return sorted(p.stem for p in (REPO / "configs" / "launcher").glob("*.yaml"))
 
 
 def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
@@ -67,8 +70,9 @@ def check_overrides(overrides: Sequence[str]) -> None:
 def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None = None,
                      launcher: str = "local", extra: Sequence[str] = ()) -> list[str]:
     """The ``python -m kron.train -m ...`` command line that runs ``rows``."""
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
+    if launcher not in launchers():
+        raise ValueError(f"launcher must be one of {launchers()} (configs/launcher/), "
+                         f"got {launcher!r}")
     if not rows:
         raise ValueError(f"table {table.name!r}: no rows to run")
     check_overrides([*table.overrides, *extra])
