@@ -78,8 +78,11 @@ def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int | None:
                                   layer.padding, layer.dilation)
         per_out = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
         return int(input_shape[0]) * layer.out_channels * per_out * ho * wo
-    if not any(True for _ in layer.children()) and not any(True for _ in layer.parameters()):
-        return 0
+    if not any(True for _ in layer.children()):
+        # a leaf without a weight matrix (activations, pooling, normalisation, dropout) runs no
+        # matmul or convolution: FlopCounterMode counts nothing for it either
+        if all(p.dim() < 2 for p in layer.parameters()):
+            return 0
     return None
 
 
@@ -89,7 +92,8 @@ def analytic_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
 
     Input shapes are captured with forward hooks; a layer with a formula (``analytic_macs``
     method, ``nn.Linear``, ``nn.Conv2d``) is counted whole and its children are not visited.
-    Raises ``ValueError`` for a parametrised leaf with no formula.
+    Leaves without a weight matrix (activations, pooling, normalisation) count 0. Raises
+    ``ValueError`` for a leaf with a weight matrix and no formula.
     """
     shapes: list[tuple[nn.Module, tuple[int, ...]]] = []
     handles = []

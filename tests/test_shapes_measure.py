@@ -98,6 +98,7 @@ def test_auto_layers_count_what_they_ran():
 def test_model_level_counts():
     model = nn.Sequential(
         KronConv2d(3, 16, 3, [(4, 1, 1, 1)], padding=1, implementation="factored"),
+        nn.BatchNorm2d(16),
         nn.ReLU(),
         nn.MaxPool2d(2),
         SeparableConv2d(16, 16, 3, 4, padding=1),
@@ -106,7 +107,7 @@ def test_model_level_counts():
     )
     shape = (2, 3, 16, 16)
     assert analytic_macs(model, shape) == count_macs(model, shape)
-    expected = (4 + 4 * 3 * 9 + 16) + (4 * 16 * 3 + 16 * 4 * 3 + 16) + (64 + 5 * 32 + 10)
+    expected = (4 + 4 * 3 * 9 + 16) + 2 * 16 + (4 * 16 * 3 + 16 * 4 * 3 + 16) + (64 + 5 * 32 + 10)
     assert count_params(model) == expected
 
 
@@ -123,3 +124,16 @@ def test_measure_latency_and_speedup():
     assert set(times) == {"kron", "dense"} and all(t > 0 for t in times.values())
     assert speedup(times["kron"], times["dense"]) == times["dense"] / times["kron"]
     assert kron.training and dense.training  # modes restored
+
+
+def test_analytic_macs_rejects_unknown_matmul_layers():
+    class Bilinear(nn.Module):  # a leaf with a weight matrix and no formula
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    with pytest.raises(ValueError, match="no MAC formula for Bilinear"):
+        analytic_macs(nn.Sequential(nn.Linear(4, 4), Bilinear()), (2, 4))

@@ -37,9 +37,13 @@ from kron.layers.shapes import (
 )
 
 IMPLEMENTATIONS = ("auto", "factored", "dense")
-# CPU inference runs in chunks whose intermediate holds at most this many elements (1 MiB of
-# float32), so that it stays in the L2 cache between the two stages.
+# CPU inference runs in chunks whose intermediate holds at most this many elements per thread
+# (1 MiB of float32), so that each thread's share stays in its L2 cache between the two stages.
 _CHUNK_FLOATS = 1 << 18
+
+
+def _chunk_budget() -> int:
+    return _CHUNK_FLOATS * max(1, torch.get_num_threads())
 
 
 class _KroneckerSum(nn.Module):
@@ -317,7 +321,7 @@ def _b_first_chunked(
     n_rows = x2.shape[0]
     n2 = bt.shape[0]
     n1 = x2.shape[1] // n2
-    chunk = max(1, min(n_rows, _CHUNK_FLOATS // (n1 * bt.shape[1])))
+    chunk = max(1, min(n_rows, _chunk_budget() // (n1 * bt.shape[1])))
     xv = x2.reshape(n_rows * n1, n2)
     out = x2.new_empty((n_rows, a2.shape[0], m2))
     buf = x2.new_empty((chunk * n1, bt.shape[1]))
@@ -467,7 +471,7 @@ class KronConv2d(_KroneckerSum):
             a[1] * r * (self.weight_shape[0] // a[0]) * x.shape[2] * x.shape[3]
             for a, r in self.groups
         )
-        chunk = max(1, min(n, _CHUNK_FLOATS // per_sample))
+        chunk = max(1, min(n, _chunk_budget() // per_sample))
         out = x.new_empty((n, self.out_channels, ho, wo))
         bias = None if self.bias is None else self.bias.view(1, -1, 1, 1)
         for start in range(0, n, chunk):
