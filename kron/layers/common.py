@@ -1,4 +1,5 @@
-"""Small helpers shared by every factored layer: argument normalisation, conv geometry, init."""
+"""Small helpers shared by every factored layer: argument normalisation, conv geometry, init,
+and the checks that a dense source layer can be factored."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 
 def pair(value: int | Sequence[int], name: str = "value") -> tuple[int, int]:
@@ -58,3 +60,65 @@ def factor_std(target_std: float, n_factors: int, n_terms: int) -> float:
     """
     var = target_std**2 / max(n_terms, 1)
     return var ** (0.5 / n_factors)
+
+
+def resolve_padding(
+    padding: str | int | Sequence[int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Padding as an int pair; ``'valid'`` is 0, ``'same'`` the symmetric half of ``d*(k-1)``.
+
+    ``nn.Conv2d`` pads asymmetrically when ``d*(k-1)`` is odd; the staged convolutions here pad
+    each stage symmetrically, so that case (and ``'same'`` with a stride, which PyTorch rejects
+    too) is a ``ValueError``.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
+        if any(t % 2 for t in totals):
+            raise ValueError(
+                f"padding='same' with kernel_size={kernel_size}, dilation={dilation} needs "
+                f"asymmetric padding {totals}, which factored layers do not support"
+            )
+        return (totals[0] // 2, totals[1] // 2)
+    pad = pair(padding, "padding")
+    if min(pad) < 0:
+        raise ValueError(f"padding must be non-negative, got {pad}")
+    return pad
+
+
+def check_source_conv(conv: nn.Conv2d) -> None:
+    """Reject dense convs that the factored layers cannot reproduce (groups, padding modes)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"only groups=1 convolutions can be factored, got groups={conv.groups}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"only padding_mode='zeros' can be factored, got padding_mode={conv.padding_mode!r}"
+        )
+
+
+def conv_kwargs(conv: nn.Conv2d) -> dict:
+    """Constructor keyword arguments that copy a dense conv's geometry, bias flag and placement."""
+    check_source_conv(conv)
+    kernel_size = pair(conv.kernel_size)
+    stride, dilation = pair(conv.stride), pair(conv.dilation)
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=resolve_padding(conv.padding, kernel_size, stride, dilation),
+        dilation=dilation,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )

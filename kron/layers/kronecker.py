@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kron.layers import autotune
-from kron.layers.common import conv_output_size, factor_std, init_bias_, kaiming_std, pair
+from kron.layers.common import (
+    conv_kwargs,
+    conv_output_size,
+    factor_std,
+    init_bias_,
+    kaiming_std,
+    pair,
+    resolve_padding,
+)
 from kron.layers.decompose import b_shape_for, fit_kronecker_sum, kron_compose
 from kron.layers.shapes import (
     ConvGeometry,
@@ -335,20 +343,6 @@ def _b_first_chunked(
     return out
 
 
-def _conv_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        if padding == "same" and stride == (1, 1) and all(t % 2 == 0 for t in total):
-            return (total[0] // 2, total[1] // 2)
-        raise ValueError(
-            f"padding={padding!r} is not supported here (use 'valid', 'same' with stride 1 and "
-            f"an odd effective kernel, or explicit ints)"
-        )
-    return pair(padding, "padding")
-
-
 class KronConv2d(_KroneckerSum):
     """2-D convolution whose kernel is ``sum_i A_i (x) B_i`` (4-D ``torch.kron`` convention).
 
@@ -378,7 +372,7 @@ class KronConv2d(_KroneckerSum):
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.dilation = pair(dilation, "dilation")
-        self.padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.padding = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.geometry = ConvGeometry(self.stride, self.padding, self.dilation)
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
         super().__init__(shape, terms, bias, implementation, device, dtype)
@@ -394,19 +388,8 @@ class KronConv2d(_KroneckerSum):
         """The Kronecker approximation of a trained ``nn.Conv2d`` (same dtype, device, bias,
         stride, padding, dilation); optimal for one term shape, see
         :meth:`KronLinear.from_linear`."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(
-                f"from_conv supports groups=1 and padding_mode='zeros' only; {conv} has "
-                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}"
-            )
-        w = conv.weight
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, terms,
-                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                    bias=conv.bias is not None, implementation=implementation,
-                    device=w.device, dtype=w.dtype)
-        layer._load_dense(w, conv.bias, sweeps)
+        layer = cls(terms=terms, implementation=implementation, **conv_kwargs(conv))
+        layer._load_dense(conv.weight, conv.bias, sweeps)
         return layer
 
     def _signature(self) -> tuple:
