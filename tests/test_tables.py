@@ -350,3 +350,15 @@ def _threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    import os
+
+    from kron.tables.io import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "a" / "t.md", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.read_text() == "x" and (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [q.name for q in p.parent.iterdir()] == ["t.md"]
