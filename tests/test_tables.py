@@ -44,11 +44,11 @@ DECL = {
 }
 
 
-def result(acc, params, macs, speedup, done=2, epochs=2):
+def result(acc, params, macs, speedup, done=2, epochs=2, row="dense"):
     return {"test_acc1": acc, "params": params, "params_dense": 1_000_000, "macs": macs,
             "macs_dense": 20_000_000, "speedup": speedup, "latency_ms": 10.0 / speedup,
             "latency_dense_ms": 10.0, "epochs_done": done, "config": {"epochs": epochs},
-            "overrides": []}
+            "overrides": [f"experiment=toy_table/{row}", "data=synth_svhn"]}
 
 
 @pytest.fixture
@@ -57,9 +57,9 @@ def toy(tmp_path):
     epochs, one folder without results.json (failed) and one row never run (missing)."""
     table = table_from_dict(DECL)
     runs = {"dense": result(92.5, 1_000_000, 20_000_000, 1.0),
-            "kron_a": {**result(91.75, 250_000, 19_000_000, 3.2),  # 19M ran (auto: composed)
+            "kron_a": {**result(91.75, 250_000, 19_000_000, 3.2, row="kron_a"),  # auto: 19M ran
                        "surgery": [{"macs_before": 16_000_000, "macs_after": 1_000_000}]},
-            "kron_b": result(90.0, 20_000, 1_000_000, 12.0, done=1)}
+            "kron_b": result(90.0, 20_000, 1_000_000, 12.0, done=1, row="kron_b")}
     for row in table.rows:
         folder = run_dir(table.name, row, tmp_path)
         if row.id in runs:
@@ -211,6 +211,9 @@ def test_run_skips_rows_with_results_unless_redo(toy, capsys):
     assert "skip dense" in printed and "experiment=toy_table/lowrank,toy_table/large" in printed
     assert run_table(table, rows=["dense"], out=out) == 0  # all done: nothing launched
     assert "nothing to run" in capsys.readouterr().out
+    # results made with other overrides (an edited table, or extra overrides) are stale
+    todo, skipped = pending(table, table.rows[:3], out, redo=False, extra=["epochs=9"])
+    assert [r.id for r in todo] == ["dense", "kron_a", "kron_b"] and not skipped
 
 
 def test_multirun_command(toy):

@@ -2,13 +2,15 @@
 
 Rows are swept over ``experiment=``; each lands in ``<out>/tables/<table>/runs/<experiment>/``
 (``hydra.sweep.subdir`` is the experiment's name), which is where ``render`` looks. Rows whose
-``results.json`` exists are skipped unless ``redo``; a redone row's old folder is renamed, not
-deleted. ``launcher`` picks configs/launcher/<name>.yaml (local: one after another; joblib:
-local processes in parallel; slurm, slurm_cpu: submitit).
+``results.json`` exists are skipped unless ``redo`` or it was made with other overrides (an
+edited table); a rerun row's old folder is renamed, not deleted. ``launcher`` picks
+configs/launcher/<name>.yaml (local: one after another; joblib: local processes in parallel;
+slurm, slurm_cpu: submitit).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -34,13 +36,33 @@ def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
     return [r for r in table.rows if r.id in set(ids)]
 
 
-def pending(table: Table, rows: Sequence[Row], out: str | Path | None,
-            redo: bool) -> tuple[list[Row], list[Row]]:
-    """Split ``rows`` into (to run, skipped because results.json exists)."""
+def job_overrides(table: Table, row: Row, extra: Sequence[str] = ()) -> list[str]:
+    """The overrides one row's job sees (what kron.train saves as ``overrides``)."""
+    return [f"experiment={row.experiment}", *table.overrides, *extra]
+
+
+def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = ()) -> bool:
+    """True when the row's results.json was made with other overrides than these."""
+    try:
+        saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text()).get("overrides")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return saved is not None and sorted(saved) != sorted(job_overrides(table, row, extra))
+
+
+def pending(table: Table, rows: Sequence[Row], out: str | Path | None, redo: bool,
+            extra: Sequence[str] = ()) -> tuple[list[Row], list[Row]]:
+    """Split ``rows`` into (to run, skipped because an up-to-date results.json exists).
+
+    A results.json made with different overrides (e.g. after editing the table) is rerun.
+    """
     todo, skipped = [], []
     for r in rows:
         done = (run_dir(table.name, r, out) / RESULTS).is_file()
-        (skipped if done and not redo else todo).append(r)
+        if done and not redo and not stale(table, r, out, extra):
+            skipped.append(r)
+        else:
+            todo.append(r)
     return todo, skipped
 
 
@@ -103,7 +125,7 @@ def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Pat
               dry_run: bool = False) -> int:
     """Run the table's pending rows; returns the multirun's exit status (0 if nothing to do)."""
     chosen = select_rows(table, rows)
-    todo, skipped = pending(table, chosen, out, redo)
+    todo, skipped = pending(table, chosen, out, redo, extra)
     for r in skipped:
         print(f"skip {r.id}: {run_dir(table.name, r, out) / RESULTS} exists (--redo reruns it)")
     if not todo:
@@ -114,11 +136,11 @@ def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Pat
     print("$ " + shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    if redo:
-        for r in todo:
-            folder = run_dir(table.name, r, out)
-            if folder.exists():
-                print(f"redo {r.id}: old folder moved to {set_aside(folder)}")
+    for r in todo:  # redone or stale rows keep their old folder, renamed
+        folder = run_dir(table.name, r, out)
+        if (folder / RESULTS).is_file():
+            why = "redo" if redo else "overrides changed"
+            print(f"{why} {r.id}: old folder moved to {set_aside(folder)}")
     code = subprocess.call(cmd)
     if code:
         print(f"{table.name}: the multirun exited with status {code}; rows without results "
