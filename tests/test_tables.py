@@ -214,6 +214,12 @@ def test_run_skips_rows_with_results_unless_redo(toy, capsys):
     # results made with other overrides (an edited table, or extra overrides) are stale
     todo, skipped = pending(table, table.rows[:3], out, redo=False, extra=["epochs=9"])
     assert [r.id for r in todo] == ["dense", "kron_a", "kron_b"] and not skipped
+    # the same overrides in another spelling (Hydra saves booleans as True/False) are not stale
+    res = out / "tables/toy/runs/toy_table/dense/results.json"
+    res.write_text(json.dumps({**json.loads(res.read_text()), "overrides": [
+        "experiment=toy_table/dense", "data=synth_svhn", "progress=False"]}))
+    todo, skipped = pending(table, table.rows[:1], out, False, extra=["progress=false"])
+    assert not todo and skipped == [table.rows[0]]
 
 
 def test_multirun_command(toy):

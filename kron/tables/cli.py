@@ -21,7 +21,7 @@ from pathlib import Path
 from kron.tables import render as R
 from kron.tables.io import atomic_write_text
 from kron.tables.plots import plot_table
-from kron.tables.results import RunResult, collect, collect_wandb, table_dir
+from kron.tables.results import RunResult, collect, collect_wandb, run_dir, table_dir
 from kron.tables.run import run_table
 from kron.tables.spec import Table, list_tables, load_table
 
@@ -125,10 +125,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] table: {folder / 'table.md'} (.csv, .tex)")
     print(f"[demo] plots: {folder / 'error_vs_params.png'}, {folder / 'error_vs_speedup.png'} "
           "(and .pdf)")
-    offline = sorted(folder.glob("runs/*/*/wandb/offline-run-*"))
+    offline = [p for r in table.rows
+               for p in sorted(run_dir(table.name, r, args.out).glob("wandb/offline-run-*"))]
     if offline:
-        print(f"[demo] W&B offline runs: {len(offline)} under {folder / 'runs'}; upload with\n"
-              f"         wandb sync {folder / 'runs'}/*/*/wandb/offline-run-*")
+        print(f"[demo] W&B offline runs ({len(offline)}); upload them with:")
+        for p in offline:
+            print(f"         wandb sync {p}")
     else:
         print("[demo] no W&B offline runs (WANDB_MODE was disabled?)")
     print(f"[demo] wall time {time.perf_counter() - t0:.0f} s")

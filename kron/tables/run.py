@@ -47,7 +47,18 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
         saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text()).get("overrides")
     except (OSError, ValueError, AttributeError):
         return False
-    return saved is not None and sorted(saved) != sorted(job_overrides(table, row, extra))
+    return saved is not None and _normal(saved) != _normal(job_overrides(table, row, extra))
+
+
+def _normal(overrides: Sequence[str]) -> list[str]:
+    """Overrides in a comparable form (Hydra's parse: ``progress=false`` == ``progress=False``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - unparsable: compare the text
+        return sorted(overrides)
+    return sorted(f"{o.get_key_element()}={o.value()!r}" for o in parsed)
 
 
 def pending(table: Table, rows: Sequence[Row], out: str | Path | None, redo: bool,
