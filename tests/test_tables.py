@@ -220,12 +220,17 @@ def test_run_skips_rows_with_results_unless_redo(toy, capsys):
         "experiment=toy_table/dense", "data=synth_svhn", "progress=False"]}))
     todo, skipped = pending(table, table.rows[:1], out, False, extra=["progress=false"])
     assert not todo and skipped == [table.rows[0]]
+    # a repeated key counts once (the last value wins, as in Hydra); the launcher is ignored
+    todo, skipped = pending(table, table.rows[:1], out, False,
+                            extra=["progress=true", "progress=false"], launcher="joblib")
+    assert not todo
 
 
 def test_multirun_command(toy):
     table, out = toy
     cmd = multirun_command(table, table.rows[:2], out, launcher="joblib", extra=["epochs=1"])
-    assert cmd[1:5] == ["-m", "kron.train", "-m", "experiment=toy_table/dense,toy_table/kron_a"]
+    assert cmd[1:5] == ["-c", "from kron.train import main; main()", "-m",
+                        "experiment=toy_table/dense,toy_table/kron_a"]
     assert "data=synth_svhn" in cmd and "epochs=1" in cmd and "launcher=joblib" in cmd
     assert f"hydra.sweep.dir={(out / 'tables' / 'toy' / 'runs').resolve()}" in cmd
     assert "hydra.sweep.subdir=${hydra:runtime.choices.experiment}" in cmd
@@ -350,7 +355,7 @@ def test_sweep_cli_dry_run(tmp_path, capsys):
                  "--max-points", "100"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "shape(s) within param ratio <= 0.01" in printed and "kron.train -m" in printed
+    assert "shape(s) within param ratio <= 0.01" in printed and "main()' -m" in printed
     assert (tmp_path / "tables" / "sweep_fc2" / "table.yaml").is_file()
 
 

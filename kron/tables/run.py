@@ -21,6 +21,8 @@ from pathlib import Path
 from kron.tables.results import RESULTS, run_dir, runs_dir
 from kron.tables.spec import REPO, Row, Table
 
+ENTRY = "from kron.train import main; main()"
+
 
 def launchers() -> list[str]:
     """The launcher configs (configs/launcher/*.yaml): local, joblib, slurm, slurm_cpu, ..."""
@@ -36,33 +38,40 @@ def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
     return [r for r in table.rows if r.id in set(ids)]
 
 
-def job_overrides(table: Table, row: Row, extra: Sequence[str] = ()) -> list[str]:
+def job_overrides(table: Table, row: Row, extra: Sequence[str] = (),
+                  launcher: str = "local") -> list[str]:
     """The overrides one row's job sees (what kron.train saves as ``overrides``)."""
-    return [f"experiment={row.experiment}", *table.overrides, *extra]
+    return [f"experiment={row.experiment}", *table.overrides, *extra,
+            *([f"launcher={launcher}"] if launcher != "local" else [])]
 
 
-def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = ()) -> bool:
+def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = (),
+          launcher: str = "local") -> bool:
     """True when the row's results.json was made with other overrides than these."""
     try:
         saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text()).get("overrides")
     except (OSError, ValueError, AttributeError):
         return False
-    return saved is not None and _normal(saved) != _normal(job_overrides(table, row, extra))
+    want = job_overrides(table, row, extra, launcher)
+    return saved is not None and _normal(saved) != _normal(want)
 
 
 def _normal(overrides: Sequence[str]) -> list[str]:
-    """Overrides in a comparable form (Hydra's parse: ``progress=false`` == ``progress=False``)."""
+    """Overrides in a comparable form, as Hydra applies them: parsed (``progress=false`` ==
+    ``progress=False``), the last value of a repeated key winning, the launcher ignored."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - unparsable: compare the text
         return sorted(overrides)
-    return sorted(f"{o.get_key_element()}={o.value()!r}" for o in parsed)
+    last = {o.get_key_element(): f"{o.value()!r}" for o in parsed}
+    last.pop("launcher", None)  # where a run ran does not change its result
+    return sorted(f"{k}={v}" for k, v in last.items())
 
 
 def pending(table: Table, rows: Sequence[Row], out: str | Path | None, redo: bool,
-            extra: Sequence[str] = ()) -> tuple[list[Row], list[Row]]:
+            extra: Sequence[str] = (), launcher: str = "local") -> tuple[list[Row], list[Row]]:
     """Split ``rows`` into (to run, skipped because an up-to-date results.json exists).
 
     A results.json made with different overrides (e.g. after editing the table) is rerun.
@@ -70,7 +79,7 @@ def pending(table: Table, rows: Sequence[Row], out: str | Path | None, redo: boo
     todo, skipped = [], []
     for r in rows:
         done = (run_dir(table.name, r, out) / RESULTS).is_file()
-        if done and not redo and not stale(table, r, out, extra):
+        if done and not redo and not stale(table, r, out, extra, launcher):
             skipped.append(r)
         else:
             todo.append(r)
@@ -102,7 +111,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None = None,
                      launcher: str = "local", extra: Sequence[str] = ()) -> list[str]:
-    """The ``python -m kron.train -m ...`` command line that runs ``rows``."""
+    """The ``python -c "from kron.train import main; main()" -m ...`` line that runs ``rows``."""
     if launcher not in launchers():
         raise ValueError(f"launcher must be one of {launchers()} (configs/launcher/), "
                          f"got {launcher!r}")
@@ -110,7 +119,9 @@ def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None =
         raise ValueError(f"table {table.name!r}: no rows to run")
     check_overrides([*table.overrides, *extra])
     sweep_dir = runs_dir(table.name, out).resolve()
-    cmd = [sys.executable, "-m", "kron.train", "-m",
+    # main imported from kron.train, not run as __main__: the joblib launcher pickles it, and a
+    # function of __main__ would be pickled by value (with unpicklable torch module globals)
+    cmd = [sys.executable, "-c", ENTRY, "-m",
            "experiment=" + ",".join(r.experiment for r in rows),
            *table.overrides, *extra,
            f"hydra.sweep.dir={sweep_dir}",
@@ -136,7 +147,7 @@ def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Pat
               dry_run: bool = False) -> int:
     """Run the table's pending rows; returns the multirun's exit status (0 if nothing to do)."""
     chosen = select_rows(table, rows)
-    todo, skipped = pending(table, chosen, out, redo, extra)
+    todo, skipped = pending(table, chosen, out, redo, extra, launcher)
     for r in skipped:
         print(f"skip {r.id}: {run_dir(table.name, r, out) / RESULTS} exists (--redo reruns it)")
     if not todo:
