@@ -452,4 +452,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call the copy imported under the package's name: launchers that pickle the task function
+    # (joblib, submitit) then pickle it by reference, not by value from __main__ with its globals.
+    from kron.train import main as package_main
+
+    package_main()
