@@ -123,3 +123,18 @@ def test_agrees_with_tensorly_torch_blocktt():
             layer.bias.copy_(fl.bias)
         x = torch.randn(5, 24, dtype=torch.float64)
         torch.testing.assert_close(layer(x), fl(x).to(torch.float64))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_lanczos_path_is_as_optimal_as_full_svd(monkeypatch, rank):
+    """Large rearranged matrices use ARPACK's leading triplets; the fit is still the optimum."""
+    from kron.layers import decompose
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.float64)
+    a_full, b_full, err_full = nearest_kronecker(w, (6, 8), rank)
+    monkeypatch.setattr(decompose, "_FULL_SVD_MAX", 4)
+    a, b, err = nearest_kronecker(w, (6, 8), rank)
+    assert err.item() == pytest.approx(tail_error(w, (6, 8), rank), rel=1e-9)
+    assert err_full.item() == pytest.approx(err.item(), rel=1e-9)
+    torch.testing.assert_close(kron_compose(a, b), kron_compose(a_full, b_full))
