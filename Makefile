@@ -1,4 +1,4 @@
-# kron: `make test` and (later) `make demo` set up .venv on first use.
+# kron: `make demo` and `make test` set up .venv on first use (see README.md).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
