@@ -376,3 +376,27 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert p.read_text() == "x" and (p.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert [q.name for q in p.parent.iterdir()] == ["t.md"]
+
+
+def test_results_from_an_edited_experiment_config_are_stale(tmp_path):
+    """Same overrides, but the config they compose to changed since the run: rerun it."""
+    import json
+
+    from kron.tables.results import RESULTS, run_dir
+    from kron.tables.run import composed_config, stale
+    from kron.tables.spec import load_table
+
+    table = load_table("svhn_demo")
+    row = table.rows[0]
+    folder = run_dir(table.name, row, tmp_path)
+    folder.mkdir(parents=True)
+    from kron.tables.run import job_overrides
+
+    want = job_overrides(table, row)
+    config = composed_config(want)
+    assert config is not None
+    (folder / RESULTS).write_text(json.dumps({"overrides": want, "config": config}))
+    assert not stale(table, row, tmp_path)
+    config["grad_clip"] = 123.0  # as if _base.yaml had been edited after the run
+    (folder / RESULTS).write_text(json.dumps({"overrides": want, "config": config}))
+    assert stale(table, row, tmp_path)

@@ -2,8 +2,9 @@
 
 Rows are swept over ``experiment=``; each lands in ``<out>/tables/<table>/runs/<experiment>/``
 (``hydra.sweep.subdir`` is the experiment's name), which is where ``render`` looks. Rows whose
-``results.json`` exists are skipped unless ``redo`` or it was made with other overrides (an
-edited table); a rerun row's old folder is renamed, not deleted. ``launcher`` picks
+``results.json`` exists are skipped unless ``redo``, or it was made with other overrides or a
+config that now composes differently (an edited table or experiment file); a rerun row's old
+folder is renamed, not deleted. ``launcher`` picks
 configs/launcher/<name>.yaml (local: one after another; joblib: local processes in parallel;
 slurm, slurm_cpu: submitit).
 """
@@ -47,13 +48,48 @@ def job_overrides(table: Table, row: Row, extra: Sequence[str] = (),
 
 def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = (),
           launcher: str = "local") -> bool:
-    """True when the row's results.json was made with other overrides than these."""
+    """True when the row's results.json was made with other overrides than these, or with a
+    config that differs from what these overrides compose to now (an edited experiment or base
+    config file)."""
     try:
-        saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text()).get("overrides")
-    except (OSError, ValueError, AttributeError):
+        saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict):
         return False
     want = job_overrides(table, row, extra, launcher)
-    return saved is not None and _normal(saved) != _normal(want)
+    if saved.get("overrides") is not None and _normal(saved["overrides"]) != _normal(want):
+        return True
+    now = composed_config(want)
+    return bool(now is not None and isinstance(saved.get("config"), dict)
+                and _comparable(saved["config"]) != _comparable(now))
+
+
+def composed_config(overrides: Sequence[str]) -> dict | None:
+    """The resolved training config these overrides compose to, or None if they do not
+    compose here (e.g. a table whose experiment files live elsewhere)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            return OmegaConf.to_container(compose("train", overrides=list(overrides)),
+                                          resolve=True)
+    except Exception:  # noqa: BLE001 - any composition error: fall back to the overrides
+        return None
+
+
+def _comparable(config: dict) -> dict:
+    """A config without what does not change a run's result: how data is loaded, and where
+    the run ran (launcher) or resumed from."""
+    config = json.loads(json.dumps(config, default=str))
+    config.get("data", {}).pop("loader", None)
+    for key in ("resume", "progress", "log_every"):
+        config.pop(key, None)
+    return config
 
 
 def _normal(overrides: Sequence[str]) -> list[str]:
