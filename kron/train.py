@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from kron import measure
+from kron.fileio import atomic_write, atomic_write_text
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery, format_table
 
@@ -43,16 +44,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 # ----------------------------------------------------------------------------- helpers
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON atomically (temp file + ``os.replace``)."""
-    atomic_write_bytes(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str)))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def git_commit() -> str | None:
@@ -363,7 +357,7 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                         "epoch": epoch + 1, "step": step, "history": history, "rng": states,
                         "wandb_id": wandb_id, "config": OmegaConf.to_yaml(cfg, resolve=True)}
-                atomic_write_bytes(out_dir / CKPT_NAME, lambda t, c=ckpt: torch.save(c, t))
+                atomic_write(out_dir / CKPT_NAME, lambda t, c=ckpt: torch.save(c, t))
             if ddp:
                 dist.barrier()
             if cfg.get("stop_after_epochs") and epoch + 1 >= cfg.stop_after_epochs:

@@ -369,7 +369,7 @@ def _threads():
 def test_atomic_write_gives_ordinary_permissions(tmp_path):
     import os
 
-    from kron.tables.io import atomic_write_text
+    from kron.fileio import atomic_write_text
 
     p = atomic_write_text(tmp_path / "a" / "t.md", "x")
     umask = os.umask(0)

@@ -27,8 +27,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from kron.fileio import atomic_path
+
 from .errors import DatasetError, corrupt, missing
-from .fileio import atomic_path
 from .gnt import GntError, code_to_char, iter_gnt, level1_codes, level1_label
 
 LEVEL1, ALL = "gb2312-level1", "all"

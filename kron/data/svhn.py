@@ -15,8 +15,9 @@ import scipy.io
 import torch
 from torch.utils.data import Dataset
 
+from kron.fileio import md5sum
+
 from .errors import DatasetError, corrupt, missing
-from .fileio import md5sum
 
 SPLITS = ("train", "test", "extra")
 MD5 = {

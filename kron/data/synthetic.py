@@ -23,7 +23,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from .fileio import atomic_path
+from kron.fileio import atomic_path
+
 from .gnt import char_to_code, encode_record, level1_codes
 from .scenetext import CHARS74K_SUBDIR
 from .svhn import svhn_file

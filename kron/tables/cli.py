@@ -18,8 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kron.fileio import atomic_write_text
 from kron.tables import render as R
-from kron.tables.io import atomic_write_text
 from kron.tables.plots import plot_table
 from kron.tables.results import RunResult, collect, collect_wandb, run_dir, table_dir
 from kron.tables.run import run_table

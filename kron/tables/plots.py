@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kron.tables.io import atomic_write
+from kron.fileio import atomic_write
 
 STYLE = {  # family -> marker, colour, legend label
     "dense": ("*", "black", "dense"),

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 from torch import nn
 
+from kron.fileio import atomic_write_text
 from kron.layers import Factorization, factorizations
-from kron.tables.io import atomic_write_text
 from kron.tables.results import table_dir
 from kron.tables.spec import REPO, Row, Table
 

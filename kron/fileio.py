@@ -1,11 +1,13 @@
-"""Small file helpers shared by the writers and the converter: atomic writes and MD5."""
+"""File helpers shared by every writer in kron (datasets, converter, checkpoints, results,
+tables, plots): atomic writes, so that a crash or a parallel reader never sees a half-written
+file, and MD5."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +31,18 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create ``path`` by calling ``write(tmp_path)`` and renaming the result into place."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    return atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
 
 
 def _umask() -> int:
