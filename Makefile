@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)  ## the default suite (fast; slow end-to-end tests excluded)
-	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+# Locally the fast suite; in CI (CI=true, as .ci/run is run) the slow end-to-end tests too
+# (about a minute more on 2 cores).
+test: $(STAMP)  ## the test suite (slow end-to-end tests only under CI=true, or `make test-all`)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(if $(filter true 1,$(CI)),,-m "not slow")
 
 test-all: $(STAMP)  ## every test, slow ones included
 	WANDB_MODE=disabled $(PY) -m pytest -q
