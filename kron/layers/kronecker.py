@@ -146,15 +146,18 @@ class _KroneckerSum(nn.Module):
     def _signature(self) -> tuple:
         return (type(self).__name__, self.weight_shape, tuple(self.terms), self.bias is not None)
 
+    def _records_autograd(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` builds an autograd graph (training), as opposed to
+        inference, where the CPU paths may write into preallocated buffers."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def resolved_implementation(self, x: torch.Tensor) -> str:
         """``"factored"`` or ``"dense"``: what a forward on ``x`` runs (measures on first use
         under ``"auto"``; under ``torch.compile`` an unmeasured ``"auto"`` runs factored)."""
         if self.implementation != "auto":
             return self.implementation
-        params = [*self.a_factors, *self.b_factors]
-        training = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params)
-        )
+        training = self._records_autograd(x)
         local_key = f"{tuple(x.shape)}|{x.device.type}|{x.dtype}|{training}|{x.is_contiguous()}"
         choice = self._auto_choices.get(local_key)
         if choice is not None:
@@ -274,9 +277,10 @@ class KronLinear(_KroneckerSum):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        chunked = x.device.type == "cpu" and not self._records_autograd(x)
         out = None
         for a, b in zip(self.a_factors, self.b_factors):
-            y = _kron_matvec(x2, a, b)
+            y = _kron_matvec(x2, a, b, chunked)
             out = y if out is None else out.add_(y)
         if self.bias is not None:
             out = out + self.bias
@@ -296,18 +300,20 @@ class KronLinear(_KroneckerSum):
                 f"bias={self.bias is not None}, {self.extra_repr_terms()}")
 
 
-def _kron_matvec(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _kron_matvec(
+    x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunked: bool = False
+) -> torch.Tensor:
     """``sum_r vec(A_r X B_r^T)`` for each row of ``x2 (N, n1*n2)``; ``a (R,m1,n1)``,
     ``b (R,m2,n2)``. Two GEMMs; the sum over r rides inside the second one's contraction by
-    laying the first one's output out as ``(.., k, r, ..)``, so no intermediate is permuted."""
+    laying the first one's output out as ``(.., k, r, ..)``, so no intermediate is permuted.
+    ``chunked`` (CPU inference only: it writes into buffers autograd cannot track) runs the
+    B-first order in cache-sized chunks of rows."""
     rank, m1, n1 = a.shape
     _, m2, n2 = b.shape
     if linear_order((m1, n1), (m2, n2)) == "b":
         bt = b.reshape(rank * m2, n2).t()
         a2 = a.permute(1, 2, 0).reshape(m1, n1 * rank)  # [i, (k, r)]
-        needs_grad = torch.is_grad_enabled() and (
-            x2.requires_grad or a.requires_grad or b.requires_grad)
-        if needs_grad or x2.device.type != "cpu":
+        if not chunked:
             t = torch.mm(x2.reshape(-1, n2), bt)
             y = torch.matmul(a2, t.view(-1, n1 * rank, m2))  # (N, m1, m2)
         else:
@@ -408,10 +414,7 @@ class KronConv2d(_KroneckerSum):
             x.is_contiguous()
         )
         x = x.contiguous()
-        params = [*self.a_factors, *self.b_factors]
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params))
-        if needs_grad or x.device.type != "cpu":
+        if self._records_autograd(x) or x.device.type != "cpu":
             out = self._factored_block(x)
             if self.bias is not None:
                 out = out + self.bias.view(1, -1, 1, 1)
