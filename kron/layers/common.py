@@ -109,16 +109,28 @@ def check_source_conv(conv: nn.Conv2d) -> None:
 def conv_kwargs(conv: nn.Conv2d) -> dict:
     """Constructor keyword arguments that copy a dense conv's geometry, bias flag and placement."""
     check_source_conv(conv)
-    kernel_size = pair(conv.kernel_size)
-    stride, dilation = pair(conv.stride), pair(conv.dilation)
+    kernel_size, stride, padding, dilation = conv_geometry(
+        conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     return dict(
         in_channels=conv.in_channels,
         out_channels=conv.out_channels,
         kernel_size=kernel_size,
         stride=stride,
-        padding=resolve_padding(conv.padding, kernel_size, stride, dilation),
+        padding=padding,
         dilation=dilation,
         bias=conv.bias is not None,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
+
+
+def conv_geometry(
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: str | int | Sequence[int],
+    dilation: int | Sequence[int],
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``nn.Conv2d``-style arguments as int pairs ``(kernel_size, stride, padding, dilation)``,
+    the padding resolved by :func:`resolve_padding`."""
+    k, st, d = pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(dilation, "dilation")
+    return k, st, resolve_padding(padding, k, st, d), d

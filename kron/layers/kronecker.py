@@ -25,13 +25,12 @@ from torch import nn
 
 from kron.layers import autotune
 from kron.layers.common import (
+    conv_geometry,
     conv_kwargs,
     conv_output_size,
     factor_std,
     init_bias_,
     kaiming_std,
-    pair,
-    resolve_padding,
 )
 from kron.layers.decompose import b_shape_for, fit_kronecker_sum, kron_compose
 from kron.layers.shapes import (
@@ -375,10 +374,8 @@ class KronConv2d(_KroneckerSum):
     ) -> None:
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride = pair(stride, "stride")
-        self.dilation = pair(dilation, "dilation")
-        self.padding = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            kernel_size, stride, padding, dilation)
         self.geometry = ConvGeometry(self.stride, self.padding, self.dilation)
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
         super().__init__(shape, terms, bias, implementation, device, dtype)

@@ -8,12 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kron.layers.common import conv_output_size, factor_std, init_bias_, kaiming_std, pair
+from kron.layers.common import (
+    conv_geometry,
+    conv_output_size,
+    factor_std,
+    init_bias_,
+    kaiming_std,
+)
 from kron.layers.lowrank_checks import (
     check_rank,
     conv_input_dims,
     conv_kwargs,
-    resolve_padding,
     svd64,
 )
 
@@ -43,10 +48,9 @@ class TuckerConv2d(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = kh, kwd = pair(kernel_size, "kernel_size")
-        self.stride = pair(stride, "stride")
-        self.dilation = pair(dilation, "dilation")
-        self.padding = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            kernel_size, stride, padding, dilation)
+        kh, kwd = self.kernel_size
         dims = (
             f"in_channels={in_channels}, out_channels={out_channels}, "
             f"kernel_size={self.kernel_size}"
