@@ -38,6 +38,7 @@ from kron.layers.shapes import (
     Shape,
     conv_group_macs,
     group_terms,
+    is_pointwise,
     linear_group_macs,
     linear_order,
     normalize_terms,
@@ -424,7 +425,7 @@ class KronConv2d(_KroneckerSum):
     def _pad_plan(self) -> tuple[bool, tuple[int, int]]:
         """``(pad the input explicitly?, padding of the first-stage conv)``: with every A
         pointwise, padding the first conv equals padding the input; otherwise pad once."""
-        if all(a[2] == 1 and a[3] == 1 for a, _ in self.groups) or not any(self.padding):
+        if all(is_pointwise(a) for a, _ in self.groups) or not any(self.padding):
             return False, self.padding
         return True, (0, 0)
 
@@ -475,7 +476,7 @@ class KronConv2d(_KroneckerSum):
         n, _, h, w = x.shape
         rank, f1, c1, kh1, kw1 = a.shape
         _, f2, c2, kh2, kw2 = b.shape
-        stride1, pointwise = self.geometry.stage_plan(tuple(a.shape[1:]), tuple(b.shape[1:]))
+        stride1, pointwise = self.geometry.stage_plan(tuple(a.shape[1:]))
         z = F.conv2d(x.view(n * c1, c2, h, w), b.reshape(rank * f2, c2, kh2, kw2),
                      stride=stride1, padding=padding, dilation=self.dilation)
         h1, w1 = z.shape[-2:]  # z is (N, C1, R, F2, h1, w1)

@@ -112,11 +112,16 @@ class ConvGeometry:
     padding: tuple[int, int]
     dilation: tuple[int, int]
 
-    def stage_plan(self, a_shape: Shape, b_shape: Shape) -> tuple[tuple[int, int], bool]:
+    def stage_plan(self, a_shape: Shape) -> tuple[tuple[int, int], bool]:
         """``(stage-1 stride, pointwise A?)``: a 1x1 A mixes channels only, so the layer's
         stride moves into the B convolution and A runs as one batched matmul."""
-        pointwise = a_shape[2] == 1 and a_shape[3] == 1
+        pointwise = is_pointwise(a_shape)
         return (self.stride if pointwise else (1, 1)), pointwise
+
+
+def is_pointwise(a_shape: Shape) -> bool:
+    """Whether a conv term's A is 1x1 in space (a channel mixer)."""
+    return a_shape[2] == 1 and a_shape[3] == 1
 
 
 def conv_group_macs(
@@ -126,7 +131,7 @@ def conv_group_macs(
     n, _, h, w = (int(s) for s in input_shape)
     f1, c1, kh1, kw1 = a_shape
     f2, c2, kh2, kw2 = b_shape
-    stride1, pointwise = geom.stage_plan(a_shape, b_shape)
+    stride1, pointwise = geom.stage_plan(a_shape)
     padded = (h + 2 * geom.padding[0], w + 2 * geom.padding[1])
     h1, w1 = conv_output_size(padded, (kh2, kw2), stride1, (0, 0), geom.dilation)
     stage1 = n * c1 * rank * f2 * c2 * kh2 * kw2 * h1 * w1
