@@ -37,10 +37,11 @@ from kron import measure
 from kron.fileio import atomic_write, atomic_write_text
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery, format_table
+from kron.paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
 
 CKPT_NAME = "last.pt"
 #: the config tree beside the package (absolute, so the `kron-train` script finds it too)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(PACKAGE_CONFIG_DIR)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,10 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.paths import CONFIG_DIR
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 GROUPS = ["model", "layers", "optimizer", "scheduler", "logger", "launcher", "experiment"]
 
 

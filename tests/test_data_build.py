@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.paths import CONFIG_DIR
 from kron.data import DatasetError, build_datasets, build_loader, build_transform
 from kron.data.hwdb import convert
 from kron.data.synthetic import (
@@ -18,7 +19,7 @@ from kron.data.synthetic import (
     write_imagenet,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = CONFIG_DIR / "data"
 NAMES = ["svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet"]
 
 

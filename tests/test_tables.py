@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from kron.paths import CONFIG_DIR
 from kron import measure
 from kron.layers import KronConv2d, KronLinear
 from kron.tables import render as R
@@ -23,7 +24,7 @@ from kron.tables.run import check_overrides, multirun_command, pending, run_tabl
 from kron.tables.spec import load_table, table_from_dict
 from kron.tables.sweep import compose_base, enumerate_points, within_budget, write_sweep
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 
 DECL = {
     "name": "toy",

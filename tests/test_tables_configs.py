@@ -13,12 +13,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.paths import CONFIG_DIR
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery
 from kron.tables.spec import list_tables, load_table
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = CONFIG_DIR
 TABLES = {name: load_table(name) for name in list_tables()}
 ROWS = [(t.name, r.id) for t in TABLES.values() for r in t.rows]
 PAPER_TABLES = {"svhn", "scenetext", "imagenet", "hwdb"}

@@ -14,10 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.paths import CONFIG_DIR
 from kron.train import CKPT_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = CONFIG_DIR
 RESULT_KEYS = {"test_acc1", "params", "params_dense", "macs", "macs_dense", "latency_ms",
                "latency_dense_ms", "speedup", "train_images_per_s", "epochs_done", "config",
                "overrides"}

@@ -20,14 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kron.tables.results import RESULTS, run_dir, runs_dir
-from kron.tables.spec import REPO, Row, Table
+from kron.paths import CONFIG_DIR
+from kron.tables.spec import Row, Table
 
 ENTRY = "from kron.train import main; main()"
 
 
 def launchers() -> list[str]:
     """The launcher configs (configs/launcher/*.yaml): local, joblib, slurm, slurm_cpu, ..."""
-    return sorted(p.stem for p in (REPO / "configs" / "launcher").glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / "launcher").glob("*.yaml"))
 
 
 def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
@@ -75,7 +76,7 @@ def composed_config(overrides: Sequence[str]) -> dict | None:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return OmegaConf.to_container(compose("train", overrides=list(overrides)),
                                           resolve=True)
     except Exception:  # noqa: BLE001 - any composition error: fall back to the overrides

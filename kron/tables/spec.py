@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from kron.paths import EXPERIMENTS_DIR
+
 FAMILIES = ("dense", "kron", "lowrank")
 PAPER_KEYS = ("acc1", "error", "params", "param_reduction", "speedup")
 #: The only numbers the paper is known to state here (its abstract); which experiment they
@@ -63,7 +64,7 @@ class Table:
 
 def experiments_dir() -> Path:
     """Where table declarations live: ``$KRON_EXPERIMENTS`` or the repository's experiments/."""
-    return Path(os.environ.get("KRON_EXPERIMENTS", REPO / "experiments"))
+    return Path(os.environ.get("KRON_EXPERIMENTS", EXPERIMENTS_DIR))
 
 
 def list_tables(root: Path | None = None) -> list[str]:

@@ -24,9 +24,10 @@ from torch import nn
 from kron.fileio import atomic_write_text
 from kron.layers import Factorization, factorizations
 from kron.tables.results import table_dir
-from kron.tables.spec import REPO, Row, Table
+from kron.paths import CONFIG_DIR
+from kron.tables.spec import Row, Table
 
-CONFIGS = REPO / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def within_budget(layer: nn.Module, input_hw: Sequence[int] | None = None, *, rank: int = 1,
