@@ -1,26 +1,39 @@
-"""Cost and speed of a model: parameters, MACs, latency, speedup.
+"""Cost and speed of a model: parameters, MACs, latency, throughput, peak memory.
 
-One method, used by training, the benchmark and the tables (DESIGN.md sections 3 and 6):
+The one home of these numbers, used by training, surgery, the benchmark and the tables
+(docs/design.md, "Measuring cost and speed"):
 
-- parameters are counted from the module's parameters;
-- MACs come from running the real forward under ``torch.utils.flop_counter.FlopCounterMode``
-  (it sees what actually executes; a matmul or convolution of ``k`` multiply-accumulates counts
-  ``2k`` FLOPs, bias adds and elementwise ops are not counted), and :func:`analytic_macs` sums the
-  per-layer formulas that tests hold equal to it;
-- latency is measured, never computed: models timed on the same input in one process,
-  alternating, after warm-up, median of repeats, synchronised on CUDA.
+- parameters are counted from the module's parameters (:func:`count_params`);
+- MACs of what actually ran come from the real forward under
+  ``torch.utils.flop_counter.FlopCounterMode`` (:func:`count_macs`; a matmul or convolution of
+  ``k`` multiply-accumulates counts ``2k`` FLOPs; bias adds and elementwise ops are not counted).
+  The closed forms of the dense layers (:func:`linear_macs`, :func:`conv2d_macs`) and the
+  factored layers' own ``analytic_macs`` methods give the same numbers without running
+  (:func:`layer_macs`, :func:`analytic_macs`); tests hold them equal to the counter;
+- the factored MACs of a surgered net are the dense twin's minus what the surgery saved
+  (:func:`surgered_macs`);
+- speed is measured, never computed (:func:`measure_latency`, :func:`measure_speed`): the models
+  run on the same input in one process, interleaved, after warm-up, and the median is kept
+  (:mod:`kron.timing`);
+- peak memory is the allocator's high-water mark during one call (:func:`peak_memory`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from kron.layers.common import conv_output_size
-from kron.timing import median_times
+from kron.timing import median_times, synchronize, timer_name
+
+# ------------------------------------------------------------------------------- parameters
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -35,6 +48,60 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
+# ------------------------------------------------------------------------------------- MACs
+
+
+def linear_macs(input_shape: Sequence[int], in_features: int, out_features: int) -> int:
+    """MACs of a dense ``(..., in_features) -> (..., out_features)`` matmul (bias not counted)."""
+    return math.prod(int(s) for s in input_shape[:-1]) * int(in_features) * int(out_features)
+
+
+def conv2d_macs(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+) -> int:
+    """MACs of a dense 2-D convolution of an ``(N, C, H, W)`` input with a weight of
+    ``(out, in / groups, kh, kw)`` (bias not counted): every output pixel of every output
+    channel costs one MAC per weight of its filter."""
+    # imported here: kron.layers may import this module, and kron.layers.common sits in it
+    from kron.layers.common import conv_output_size
+
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    hw = tuple(int(s) for s in input_shape[2:])
+    if padding == "same":
+        ho, wo = hw
+    else:
+        pad = (0, 0) if padding == "valid" else tuple(padding)
+        ho, wo = conv_output_size(hw, kernel, tuple(stride), pad, tuple(dilation))
+    return int(input_shape[0]) * math.prod(int(s) for s in weight_shape) * ho * wo
+
+
+def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int | None:
+    """Analytic MACs of one layer on an input of ``input_shape``; ``None`` if it has no cost
+    formula (layers without matmul/conv, e.g. activations, cost 0 and return 0)."""
+    if hasattr(layer, "analytic_macs"):
+        return int(layer.analytic_macs(tuple(input_shape)))
+    if isinstance(layer, nn.Linear):
+        return linear_macs(input_shape, layer.in_features, layer.out_features)
+    if isinstance(layer, nn.Conv2d):
+        return conv2d_macs(input_shape, layer.weight.shape, layer.stride, layer.padding,
+                           layer.dilation)
+    if not any(True for _ in layer.children()):
+        # a leaf without a weight matrix (activations, pooling, normalisation, dropout) runs no
+        # matmul or convolution: FlopCounterMode counts nothing for it either
+        if all(p.dim() < 2 for p in layer.parameters()):
+            return 0
+    return None
+
+
+def layer_macs_known(layer: nn.Module) -> bool:
+    """Whether :func:`layer_macs` has a closed formula for this layer type."""
+    return hasattr(layer, "analytic_macs") or isinstance(layer, (nn.Linear, nn.Conv2d))
+
+
 def _example_input(module: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     p = next(module.parameters(), None)
     kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
@@ -43,10 +110,11 @@ def _example_input(module: nn.Module, input_shape: Sequence[int]) -> torch.Tenso
 
 @torch.no_grad()
 def count_macs(module: nn.Module, input_shape: Sequence[int] | torch.Tensor) -> int:
-    """Multiply-accumulates of one forward on an input of ``input_shape`` (batch included).
+    """Multiply-accumulates of one forward on an input of ``input_shape`` (batch included), as
+    executed: counted by ``FlopCounterMode`` on the real forward, in eval mode.
 
-    Runs the forward once before counting so that ``implementation="auto"`` layers have made
-    their choice (their timing runs are not counted), then once under ``FlopCounterMode``.
+    Runs the forward once before counting, so that a layer that settles its execution plan on
+    first use has done so (that run is not counted).
     """
     x = input_shape if isinstance(input_shape, torch.Tensor) else _example_input(
         module, input_shape)
@@ -59,31 +127,6 @@ def count_macs(module: nn.Module, input_shape: Sequence[int] | torch.Tensor) -> 
     finally:
         module.train(was_training)
     return counter.get_total_flops() // 2
-
-
-def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int | None:
-    """Analytic MACs of one layer on an input of ``input_shape``; ``None`` if it has no cost
-    formula (layers without matmul/conv, e.g. activations, cost 0 and return 0)."""
-    if hasattr(layer, "analytic_macs"):
-        return int(layer.analytic_macs(tuple(input_shape)))
-    if isinstance(layer, nn.Linear):
-        rows = 1
-        for s in input_shape[:-1]:
-            rows *= int(s)
-        return rows * layer.in_features * layer.out_features
-    if isinstance(layer, nn.Conv2d):
-        if isinstance(layer.padding, str):
-            return None
-        ho, wo = conv_output_size(tuple(input_shape[2:]), layer.kernel_size, layer.stride,
-                                  layer.padding, layer.dilation)
-        per_out = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-        return int(input_shape[0]) * layer.out_channels * per_out * ho * wo
-    if not any(True for _ in layer.children()):
-        # a leaf without a weight matrix (activations, pooling, normalisation, dropout) runs no
-        # matmul or convolution: FlopCounterMode counts nothing for it either
-        if all(p.dim() < 2 for p in layer.parameters()):
-            return 0
-    return None
 
 
 @torch.no_grad()
@@ -126,9 +169,84 @@ def analytic_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     return total
 
 
-def layer_macs_known(layer: nn.Module) -> bool:
-    """Whether :func:`layer_macs` has a closed formula for this layer type."""
-    return hasattr(layer, "analytic_macs") or isinstance(layer, (nn.Linear, nn.Conv2d))
+def surgered_macs(macs_dense: int, surgery_rows: Iterable[Mapping[str, Any]]) -> int:
+    """MACs of a surgered net run factored: its dense twin's ``macs_dense`` minus what each
+    swapped layer saved (rows with ``macs_before`` and ``macs_after``, as surgery writes them).
+
+    What ran (:func:`count_macs`) can differ: a layer may execute composed (one dense op) when
+    that is faster, which hides the reduction the factorisation makes possible.
+    """
+    return int(macs_dense) - sum(int(r["macs_before"]) - int(r["macs_after"])
+                                 for r in surgery_rows)
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Bytes one call allocated: ``peak`` is the most it held at once beyond what was allocated
+    before the call, ``output`` the size of the tensors it returned (part of ``peak``)."""
+
+    peak: int
+    output: int
+
+    @property
+    def workspace(self) -> int:
+        """Peak bytes beyond the returned tensors: temporaries, buffers, scratch space."""
+        return max(self.peak - self.output, 0)
+
+
+def _output_bytes(out: object) -> int:
+    tensors = [out] if isinstance(out, torch.Tensor) else [
+        t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _cpu_peak(fn: Callable[[], object]) -> tuple[int, object]:
+    """Peak of the running sum of the CPU allocator's allocations and frees during ``fn``, as
+    the PyTorch profiler records them (every allocation through c10's CPU allocator, op-internal
+    scratch space included); deterministic, unlike the process's resident size."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.nbytes() != 0 and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak, out
+
+
+def _cuda_peak(fn: Callable[[], object], device: torch.device) -> tuple[int, object]:
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> PeakMemory:
+    """Peak bytes allocated during one call of ``fn`` beyond what was allocated before it.
+
+    CUDA: the caching allocator's ``max_memory_allocated`` after resetting its peak. CPU: the
+    high-water mark of the allocations the PyTorch profiler records (see :func:`_cpu_peak`).
+    Run ``fn`` once beforehand if it allocates lasting state on first use (caches, plans).
+    """
+    device = torch.device(device)
+    peak, out = _cuda_peak(fn, device) if device.type == "cuda" else _cpu_peak(fn)
+    return PeakMemory(peak=int(peak), output=_output_bytes(out))
+
+
+# ----------------------------------------------------------------------------------- speed
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -137,20 +255,28 @@ def measure_latency(
     example_input: torch.Tensor,
     warmup: int = 3,
     repeats: int = 10,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Median inference latency in milliseconds of each model on ``example_input``.
 
-    Models are put in eval mode and timed alternately in this process (DESIGN.md section 6), so
-    that drifts in clock speed or load hit all of them alike.
+    Models are put in eval mode (restored afterwards) and timed interleaved in this process
+    (:mod:`kron.timing`), under ``torch.autocast`` to ``dtype`` when it is a lower precision.
     """
+    device = example_input.device
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
+
+    def call(m: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with _autocast(device, dtype):
+                return m(example_input)
+
+        return run
+
     try:
-        times = median_times(
-            {name: (lambda m=m: m(example_input)) for name, m in models.items()},
-            example_input.device, warmup=warmup, repeats=repeats,
-        )
+        times = median_times({name: call(m) for name, m in models.items()}, device,
+                             warmup=warmup, repeats=repeats)
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -160,3 +286,55 @@ def measure_latency(
 def speedup(latency_ms: float, latency_dense_ms: float) -> float:
     """Measured speedup of a model over its dense twin (>1 means faster)."""
     return latency_dense_ms / latency_ms
+
+
+def _batch(sample_shape: Sequence[int], batch: int, device: torch.device,
+           channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch, *sample_shape, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def measure_speed(
+    model: nn.Module,
+    dense_twin: nn.Module,
+    sample_shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    latency_batch: int = 64,
+    throughput_batch: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Inference speed of ``model`` against its dense twin, as results.json records it.
+
+    ``sample_shape`` is one input without the batch, e.g. ``(3, 32, 32)``. Latency: median
+    milliseconds per forward at ``latency_batch``; throughput (when ``throughput_batch`` is
+    given): samples per second at that larger batch, where a GPU is busy rather than waiting on
+    launches. Both interleave the two models after warm-up, under autocast to ``dtype``, timed
+    with CUDA events on CUDA (:mod:`kron.timing`).
+    """
+    device = torch.device(device)
+    models = {"model": model, "dense": dense_twin}
+    x = _batch(sample_shape, latency_batch, device, channels_last)
+    lat = measure_latency(models, x, warmup=warmup, repeats=repeats, dtype=dtype)
+    out: dict[str, Any] = {
+        "latency_ms": lat["model"], "latency_dense_ms": lat["dense"],
+        "speedup": speedup(lat["model"], lat["dense"]),
+        "latency_batch_size": int(latency_batch), "latency_device": str(device),
+        "latency_dtype": str(dtype).removeprefix("torch."), "latency_timer": timer_name(device),
+        "latency_threads": torch.get_num_threads(),
+        "throughput_batch_size": None, "throughput_img_s": None, "throughput_dense_img_s": None,
+        "throughput_speedup": None,
+    }
+    if throughput_batch:
+        del x
+        xb = _batch(sample_shape, throughput_batch, device, channels_last)
+        big = measure_latency(models, xb, warmup=warmup, repeats=repeats, dtype=dtype)
+        out.update(
+            throughput_batch_size=int(throughput_batch),
+            throughput_img_s=throughput_batch / (big["model"] / 1e3),
+            throughput_dense_img_s=throughput_batch / (big["dense"] / 1e3),
+            throughput_speedup=speedup(big["model"], big["dense"]),
+        )
+    return out

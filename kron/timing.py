@@ -1,17 +1,29 @@
-"""The one timer of kron: callables run alternately after warm-up, synchronised on CUDA.
+"""The one timer of kron: callables timed in interleaved rounds after warm-up.
 
-Alternating the candidates makes drifts in clock speed or load hit all of them alike; the caller
-takes the median of the samples. Used by :mod:`kron.measure` (speedup), the benchmark and
-``implementation="auto"``.
+Every candidate runs once per round and the order rotates from round to round (A B C, B C A,
+C A B, ...), so drifts in clock speed or load, and any advantage of running first or right
+after another candidate, hit all candidates alike; callers take the median of the samples.
+
+How one call is timed depends on the device (docs/design.md, "Measuring speed"):
+
+- CPU: ``time.perf_counter`` around the call.
+- CUDA: a pair of CUDA events recorded around the call, on a queue that was drained before it
+  (so the launch cost of the call is part of its time, as it is for a real inference call);
+  the events are read after the round's final synchronisation. Host timers around
+  asynchronous launches measure the launch queue, not the GPU.
+
+Used by :mod:`kron.measure` and :mod:`kron.bench`.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
+from time import perf_counter
 
 import torch
+
+Reading = Callable[[], float]  # seconds of one timed call, read once the round has synchronised
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -21,25 +33,62 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_on_host(fn: Callable[[], object]) -> Reading:
+    start = perf_counter()
+    fn()
+    elapsed = perf_counter() - start
+    return lambda: elapsed
+
+
+def _time_with_cuda_events(device: torch.device) -> Callable[[Callable[[], object]], Reading]:
+    def timed(fn: Callable[[], object]) -> Reading:
+        torch.cuda.synchronize(device)  # an empty queue: the call pays its own launches
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return lambda: start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+    return timed
+
+
+def timer_name(device: torch.device | str) -> str:
+    """What :func:`time_callables` times with on ``device`` (recorded beside measurements)."""
+    return "cuda_events" if torch.device(device).type == "cuda" else "perf_counter"
+
+
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order of the candidates in round ``round_index``: rotated by one each round."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
 def time_callables(
     fns: dict[str, Callable[[], object]],
     device: torch.device | str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
 ) -> dict[str, list[float]]:
-    """Per-call seconds of each callable: ``warmup`` calls each, then ``repeats`` rounds in
-    which every callable runs once, in turn. Returns every sample."""
+    """Seconds per call of each callable, every sample: ``warmup`` untimed calls of each, then
+    ``repeats`` rounds in which every callable runs once, in :func:`round_order`."""
+    if not fns:
+        raise ValueError("time_callables needs at least one callable")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
+                         f"warmup={warmup}")
+    device = torch.device(device)
+    timed = _time_with_cuda_events(device) if device.type == "cuda" else _time_on_host
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        readings = [(name, timed(fns[name])) for name in round_order(names, r)]
+        synchronize(device)
+        for name, read in readings:
+            samples[name].append(read())
     return samples
 
 

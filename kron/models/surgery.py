@@ -16,7 +16,6 @@ scratch`` (default) starts from the layer's own variance-preserving initialisati
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kron.measure import count_params, layer_macs
 
 KINDS = ("dense", "kron", "lowrank", "separable", "cp", "tucker")
 SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation"}
@@ -88,17 +89,6 @@ def record_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
     return shapes
 
 
-def dense_macs(layer: nn.Module, input_shape: tuple) -> int:
-    """MACs of a dense Linear/Conv2d on ``input_shape`` (bias adds not counted)."""
-    if isinstance(layer, nn.Linear):
-        return math.prod(input_shape[:-1]) * layer.in_features * layer.out_features
-    h, w = input_shape[-2:]
-    kh, kw = layer.kernel_size
-    ho = (h + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
-    wo = (w + 2 * layer.padding[1] - layer.dilation[1] * (kw - 1) - 1) // layer.stride[1] + 1
-    return input_shape[0] * layer.weight.numel() // layer.groups * ho * wo
-
-
 def match_spec(model: nn.Module, spec: Mapping[str, Mapping]) -> dict[str, tuple[str, dict]]:
     """Resolve patterns to layers: ``{layer_name: (pattern, entry)}``; later patterns win."""
     layers = replaceable_layers(model)
@@ -149,10 +139,9 @@ def apply_surgery(
             new, detail = _convert(layer, entry, shapes[name])
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from None
-        before_p = sum(p.numel() for p in layer.parameters())
-        before_m = dense_macs(layer, shapes[name])
-        after_p = sum(p.numel() for p in new.parameters())
-        after_m = before_m if new is layer else int(new.analytic_macs(shapes[name]))
+        before_p, after_p = count_params(layer), count_params(new)
+        before_m = layer_macs(layer, shapes[name])
+        after_m = before_m if new is layer else layer_macs(new, shapes[name])
         if new is not layer:
             _set_submodule(model, name, new)
         rows.append(SurgeryRow(name, entry.get("kind", "?"), describe(layer), detail,
@@ -290,14 +279,14 @@ def _rank_for_budget(layer: nn.Module, build: Callable, max_rank: int, input_sha
     """The largest rank whose weight-parameter (and MAC) ratio to the dense layer is within
     budget (biases excluded on both sides, as in ``choose_terms``)."""
     dense_p = layer.weight.numel()
-    dense_m = dense_macs(layer, input_shape)
+    dense_m = layer_macs(layer, input_shape)
 
     def fits(r: int) -> bool:
         m = build(r)
         bias = getattr(m, "bias", None)
-        p = sum(q.numel() for q in m.parameters()) - (0 if bias is None else bias.numel())
+        p = count_params(m) - (0 if bias is None else bias.numel())
         ok_p = param_ratio is None or p / dense_p <= param_ratio
-        ok_m = mac_ratio is None or m.analytic_macs(input_shape) / dense_m <= mac_ratio
+        ok_m = mac_ratio is None or layer_macs(m, input_shape) / dense_m <= mac_ratio
         return ok_p and ok_m
 
     if not fits(1):

@@ -1,8 +1,12 @@
 """Render a table's results as Markdown, CSV and LaTeX (rows in the declared order).
 
-Ratios (parameter and MAC reduction, speedup) are each run's own, against its dense twin built
-and timed in the same process by ``kron.train``; the error change is against the table's
-reference row. Rows without results stay in the table, marked, with empty numbers.
+Every row is summarised over its seeds (kron/tables/aggregate.py): a number is the mean, with
+the sample standard deviation after ``±`` when two or more seeds finished, and ``n`` counts
+them. Ratios (parameter and MAC reduction, speedup) are each run's own, against its dense twin
+built and timed in the same process by ``kron.train``; the error change is against the table's
+reference row, per seed pair. Rows without results stay in the table, marked, with empty
+numbers. Under a headline table, each claim of the paper's abstract is checked against our rows
+with their spread (docs/design.md, tables).
 """
 
 from __future__ import annotations
@@ -12,16 +16,25 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kron.tables.aggregate import KEYS, Stat, separated, summarize
 from kron.tables.results import RunResult
 from kron.tables.spec import PAPER_HEADLINE, Table
 
 DASH = "–"
-CSV_FIELDS = ("id", "label", "family", "status", "test_acc1", "test_err1", "delta_err",
+PM = "±"
+CSV_FIELDS = ("id", "label", "family", "status", "n", "asked",
+              *(k for key in ("test_acc1", "test_err1", "delta_err") for k in (key, key + "_std")),
               "params", "params_dense", "param_reduction", "macs", "macs_dense", "mac_reduction",
-              "macs_executed",
-              "speedup", "latency_ms", "latency_dense_ms", "epochs_done", "paper", "run_dir")
-COLUMNS = ("Row", "Family", "Top-1 (%)", "Error (%)", "Δ error", "Params", "Param. red.",
+              "macs_executed", "speedup", "speedup_std", "latency_ms", "latency_dense_ms",
+              "epochs_done", "paper", "run_dir")
+RUN_FIELDS = ("id", "seed", "status", "test_acc1", "params", "macs_analytic", "macs",
+              "speedup", "latency_ms", "latency_dense_ms", "epochs_done", "reason", "run_dir")
+COLUMNS = ("Row", "Family", "n", "Top-1 (%)", "Error (%)", "Δ error", "Params", "Param. red.",
            "MACs", "MAC red.", "Speedup (measured)", "Paper", "Status")
+RATIO_COLUMNS = (7, 9, 10)  # Param. red., MAC red., Speedup
+#: the abstract's claims, each at "less than 1% drop in accuracy" (read as < 1 point of top-1)
+CLAIMS = (("speedup", 3.3, "3.3x speedup"), ("param_reduction", 3.6, "3.6x fewer parameters"))
+DROP = 1.0
 
 
 def human(n: float | None) -> str:
@@ -31,7 +44,7 @@ def human(n: float | None) -> str:
     for div, unit, digits in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 1)):
         if abs(n) >= div:
             return f"{n / div:.{digits}f}{unit}"
-    return str(int(n))
+    return str(int(round(n)))
 
 
 def ratio(r: float | None) -> str:
@@ -39,6 +52,23 @@ def ratio(r: float | None) -> str:
     if r is None:
         return DASH
     return f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+def num(s: Stat | None, fmt: str = "{:.2f}", sign: bool = False) -> str:
+    """``mean ± std`` of a :class:`Stat` (just the mean for one value), or a dash."""
+    if s is None:
+        return DASH
+    mean = (("{:+" + fmt[2:]) if sign else fmt).format(s.mean)
+    return mean if s.std is None else f"{mean} {PM} {fmt.format(s.std)}"
+
+
+def ratio_stat(s: Stat | None) -> str:
+    """A ratio with its spread: ``3.31x ± 0.05`` (ratios that do not vary: just ``3.31x``)."""
+    if s is None:
+        return DASH
+    if s.std is None or s.std < 5e-5 * max(1.0, abs(s.mean)):
+        return ratio(s.mean)
+    return f"{ratio(s.mean)} {PM} {s.std:.2f}"
 
 
 def paper_cell(paper: dict[str, Any]) -> str:
@@ -52,110 +82,137 @@ def paper_cell(paper: dict[str, Any]) -> str:
     return ", ".join(parts[k](paper[k]) for k in parts if k in paper)
 
 
-def _div(d: dict[str, Any], a: str, b: str) -> float | None:
-    x, y = d.get(a), d.get(b)
-    return None if x is None or y in (None, 0) else float(x) / float(y)
+def metrics(results: Sequence[RunResult], reference: str | None,
+            asked: int | None = None) -> list[dict[str, Any]]:
+    """One dict per row (:func:`kron.tables.aggregate.summarize`) with its paper cell."""
+    rows = summarize(results, reference, asked)
+    for m in rows:
+        m["paper"] = paper_cell(m["row"].paper)
+    return rows
 
 
-def factored_macs(d: dict[str, Any]) -> int | None:
-    """MACs per image of the factored net: the dense twin's minus what the surgery saved.
-
-    The surgery rows hold each swapped layer's analytic count of its factored execution;
-    ``macs`` in results.json is what ran, and ``implementation=auto`` may run a layer composed
-    (as one dense op) when that is faster, which hides the reduction.
-    """
-    rows, dense = d.get("surgery"), d.get("macs_dense")
-    if not rows or dense is None:
-        return d.get("macs")
-    return int(dense) - sum(int(r["macs_before"]) - int(r["macs_after"]) for r in rows)
-
-
-def metrics(results: Sequence[RunResult], reference: str | None) -> list[dict[str, Any]]:
-    """One dict per row with the raw and derived numbers (None where unknown)."""
-    ref = next((r for r in results if r.row.id == reference and r.ok), None)
-    ref_err = None if ref is None else 100.0 - float(ref.data["test_acc1"])
-    out = []
-    for r in results:
-        d = r.data if r.ok else {}
-        d = {**d, "macs_executed": d.get("macs"), "macs": factored_macs(d)} if d else d
-        acc = d.get("test_acc1")
-        err = None if acc is None else 100.0 - float(acc)
-
-
-        out.append({
-            "id": r.row.id, "label": r.row.label, "family": r.row.family, "status": r.status,
-            "reason": r.reason, "test_acc1": acc, "test_err1": err,
-            "delta_err": None if err is None or ref_err is None else err - ref_err,
-            "is_reference": r.row.id == reference,
-            "params": d.get("params"), "params_dense": d.get("params_dense"),
-            "param_reduction": _div(d, "params_dense", "params"),
-            "macs": d.get("macs"), "macs_dense": d.get("macs_dense"),
-            "mac_reduction": _div(d, "macs_dense", "macs"), "macs_executed": d.get("macs_executed"),
-            "speedup": d.get("speedup"),
-            "latency_ms": d.get("latency_ms"), "latency_dense_ms": d.get("latency_dense_ms"),
-            "epochs_done": d.get("epochs_done"), "paper": paper_cell(r.row.paper),
-            "run_dir": r.path,
-        })
-    return out
+def _status(m: dict[str, Any], mark: Callable[[str], str]) -> str:
+    if m["status"] == "ok":
+        return "ok"
+    text = mark(m["status"] if m["status"] != "partial" else m["reason"].split(" (")[0])
+    if m["status"] == "incomplete" and m["asked"] == 1:
+        text += f" ({m['reason']})"
+    return text
 
 
 def _cells(m: dict[str, Any], mark: Callable[[str], str]) -> list[str]:
-    num = (lambda v: DASH if v is None else f"{v:.2f}")  # noqa: E731
     if m["is_reference"] and m["delta_err"] is not None:
         delta = "ref"
     else:
-        delta = DASH if m["delta_err"] is None else f"{m['delta_err']:+.2f}"
-    status = m["status"] if m["status"] == "ok" else mark(m["status"])
-    if m["status"] == "incomplete":
-        status += f" ({m['reason']})"
-    speed = None if m["speedup"] is None else ratio(m["speedup"])
-    return [m["label"], m["family"], num(m["test_acc1"]), num(m["test_err1"]), delta,
-            human(m["params"]), ratio(m["param_reduction"]), human(m["macs"]),
-            ratio(m["mac_reduction"]), speed or DASH, m["paper"], status]
+        delta = num(m["delta_err"], sign=True)
+    n = str(m["n"]) if m["n"] == m["asked"] else f"{m['n']}/{m['asked']}"
+    mean = (lambda s: None if s is None else s.mean)  # noqa: E731
+    return [m["label"], m["family"], n, num(m["test_acc1"]), num(m["test_err1"]), delta,
+            human(mean(m["params"])), ratio_stat(m["param_reduction"]), human(mean(m["macs"])),
+            ratio_stat(m["mac_reduction"]), ratio_stat(m["speedup"]), m["paper"],
+            _status(m, mark)]
 
 
-def headline_lines(rows: list[dict[str, Any]], table: Table) -> list[str]:
-    """The abstract's headline beside ours: best speedup / parameter reduction < 1 point worse."""
-    lines = [f"Paper's headline: {PAPER_HEADLINE}."]
-    if not any(m["is_reference"] and m["test_err1"] is not None for m in rows):
-        lines.append("Ours: no result for the reference row yet, so no accuracy drop to compare.")
-        return lines
-    close = [m for m in rows if not m["is_reference"] and m["delta_err"] is not None
-             and m["delta_err"] < 1.0]
-    if not close:
-        lines.append("Ours: no row is within 1 point of the reference error.")
-        return lines
+def _claim_row(m: dict[str, Any], key: str, target: float) -> str:
+    """Verdict of one row on one claim: met, one-seed, overlaps, or not."""
+    d, v = m["delta_err"], m[key]
+    if d is None or v is None:
+        return "not"
+    if d.mean >= DROP or v.mean < target:
+        return "not"
+    if d.n < 2:
+        return "one-seed"
+    return "met" if d.high < DROP and v.low >= target else "overlaps"
 
-    def best(key: str) -> str:
-        have = [m for m in close if m[key] is not None]
-        if not have:
-            return DASH
-        top = max(have, key=lambda m: m[key])
-        return f"{ratio(top[key])} ({top['label']})"
 
-    lines.append(f"Ours, among rows less than 1 point worse than {table.reference}: best measured "
-                 f"speedup {best('speedup')}, best parameter reduction {best('param_reduction')}.")
+def _describe(m: dict[str, Any], key: str) -> str:
+    return (f"{m['label']} (Δ error {num(m['delta_err'], sign=True)} points, "
+            f"{ratio_stat(m[key])}, n={m['n']})")
+
+
+def claim_lines(rows: list[dict[str, Any]], table: Table) -> list[str]:
+    """Per claim of the abstract: met by which row, or why not (the seed spread counts)."""
+    ref = next((m for m in rows if m["is_reference"]), None)
+    if ref is None or ref["test_err1"] is None:
+        return ["Ours: no result for the reference row yet, so no accuracy drop to compare."]
+    lines = []
+    for key, target, claim in CLAIMS:
+        verdicts = [(m, _claim_row(m, key, target)) for m in rows if not m["is_reference"]]
+        by = {v: sorted((m for m, w in verdicts if w == v), key=lambda m: -m[key].mean)
+              for v in ("met", "overlaps", "one-seed")}
+        if by["met"]:
+            text = (f"**met** by {_describe(by['met'][0], key)}: Δ error + its std stays under "
+                    f"{DROP:g} point and the ratio - its std reaches {target}x")
+        elif by["overlaps"]:
+            text = (f"**not established**: {_describe(by['overlaps'][0], key)} reaches it on "
+                    f"average, but its seed spread overlaps the {DROP:g}-point line or the "
+                    f"{target}x line")
+        elif by["one-seed"]:
+            text = (f"**not established**: {_describe(by['one-seed'][0], key)} reaches it on "
+                    "one seed, which has no spread (run with --seeds 3)")
+        else:
+            close = [m for m in rows if not m["is_reference"] and m["delta_err"] is not None
+                     and m["delta_err"].mean < DROP and m[key] is not None]
+            best = max(close, key=lambda m: m[key].mean, default=None)
+            text = "**not met**: " + (
+                f"the best row less than {DROP:g} point worse is {_describe(best, key)}"
+                if best else f"no row is less than {DROP:g} point worse than "
+                             f"{table.reference}")
+        lines.append(f"Claim \"{claim} at < {DROP:g} point drop\": {text}.")
     return lines
 
 
-def to_markdown(table: Table, results: Sequence[RunResult]) -> str:
+def separation_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Whether any two families differ in error by more than their seeds' spread (each
+    family by its best row, the lowest mean error)."""
+    best: dict[str, dict[str, Any]] = {}
+    for m in rows:
+        e = m["test_err1"]
+        if e is not None and (m["family"] not in best
+                              or e.mean < best[m["family"]]["test_err1"].mean):
+            best[m["family"]] = m
+    if len(best) < 2:
+        return []
+    fams = list(best)
+    shown = ", ".join(f"{f} {num(best[f]['test_err1'])} ({best[f]['label']})" for f in fams)
+    if any(best[f]["test_err1"].n < 2 for f in fams):
+        return [f"Families, best row each (error %): {shown}. One seed has no spread, so no "
+                "difference between families can be called real (run with --seeds 3)."]
+    pairs = [(a, b) for i, a in enumerate(fams) for b in fams[i + 1:]
+             if separated(best[a]["test_err1"], best[b]["test_err1"])]
+    if not pairs:
+        return [f"Families, best row each (error %): {shown}. On this data no two families "
+                "differ by more than their seeds' spread."]
+    return [f"Families, best row each (error %): {shown}. Separated by more than their "
+            "seeds' spread (mean ± std intervals apart): "
+            + ", ".join(f"{a} vs {b}" for a, b in pairs) + "."]
+
+
+def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = None) -> str:
     """The table as GitHub Markdown with its notes (deterministic: no dates, no absolute paths)."""
-    rows = metrics(results, table.reference)
+    rows = metrics(results, table.reference, asked)
     out = [f"## {table.title}", ""]
     if table.paper:
         out += [f"Paper: {table.paper}.", ""]
     out.append("| " + " | ".join(COLUMNS) + " |")
-    out.append("|" + "|".join([":--", ":--"] + ["--:"] * 8 + [":--", ":--"]) + "|")
+    out.append("|" + "|".join([":--", ":--"] + ["--:"] * 9 + [":--", ":--"]) + "|")
     for m in rows:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in
                                      _cells(m, lambda s: f"**{s}**")) + " |")
-    out += ["", "Param./MAC reduction and speedup are against each run's own dense twin (same "
-            "net, no layer swapped), speedup measured in the same process; MACs are per image, "
-            "of the factored layers (table.csv's macs_executed: what ran); Δ error is in points "
-            f"against the reference row ({table.reference or 'none'})."]
+    seeds = rows[0]["asked"] if rows else 1
+    out += ["", f"Each number is the mean over the n finished seeds (of {seeds} asked)"
+            + (f", ± the sample standard deviation" if seeds > 1 else "")
+            + "; Δ error is in points against the reference row "
+            f"({table.reference or 'none'}), taken per seed pair. Param./MAC reduction and "
+            "speedup are against each run's own dense twin (same net, no layer swapped), "
+            "speedup measured in the same process; MACs are per image, of the factored layers "
+            "(table.csv's macs_executed: what ran)."]
+    extra = separation_lines(rows)
     if table.headline:
-        out += [""] + [f"- {line}" for line in headline_lines(rows, table)]
-    bad = [m for m in rows if m["status"] not in ("ok",)]
+        extra = [f"Paper's headline: {PAPER_HEADLINE}.", *claim_lines(rows, table), *extra]
+    if extra:
+        out += [""] + [f"- {line}" for line in extra]
+    bad = [m for m in rows if m["status"] != "ok"]
     if bad:
         out += ["", "Not complete: " + "; ".join(
             f"{m['id']} ({m['status']}: {m['reason']})" for m in bad) + "."]
@@ -174,23 +231,46 @@ def _csv_value(v: Any) -> str:
     return str(v)
 
 
-def to_csv(table: Table, results: Sequence[RunResult], base: Any = None) -> str:
-    """One line per row, raw numbers (floats rounded to 4 decimals); empty cells where unknown.
+def _rel(path: Any, base: Any) -> str:
+    if path is None:
+        return ""
+    if base is not None:
+        try:
+            path = path.relative_to(base)
+        except ValueError:
+            pass
+    return path.as_posix()
 
-    ``run_dir`` is written relative to ``base`` when given (stable across machines).
-    """
+
+def to_csv(table: Table, results: Sequence[RunResult], base: Any = None,
+           asked: int | None = None) -> str:
+    """One line per row: means, the std of the varying ones (``*_std``), n; floats rounded to
+    4 decimals; empty cells where unknown. ``run_dir`` (a finished seed's) is relative to
+    ``base`` when given (stable across machines)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
-    for m in metrics(results, table.reference):
-        path = m["run_dir"]
-        if path is not None and base is not None:
-            try:
-                path = path.relative_to(base)
-            except ValueError:
-                pass
-        m = {**m, "run_dir": "" if path is None else path.as_posix()}
-        w.writerow([_csv_value(m[k]) for k in CSV_FIELDS])
+    for m in metrics(results, table.reference, asked):
+        flat: dict[str, Any] = {k: m[k] for k in ("id", "label", "family", "status", "n",
+                                                  "asked", "paper")}
+        for key in (*KEYS, "delta_err"):
+            s = m[key]
+            flat[key] = None if s is None else s.mean
+            flat[key + "_std"] = None if s is None else s.std
+        flat["run_dir"] = _rel(m["run_dir"], base)
+        w.writerow([_csv_value(flat[k]) for k in CSV_FIELDS])
+    return buf.getvalue()
+
+
+def runs_csv(results: Sequence[RunResult], base: Any = None) -> str:
+    """One line per run (row and seed), the raw numbers of its results.json."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RUN_FIELDS)
+    for r in results:
+        d = {**r.data, "id": r.row.id, "seed": r.seed, "status": r.status, "reason": r.reason,
+             "run_dir": _rel(r.path, base)}
+        w.writerow([_csv_value(d.get(k)) for k in RUN_FIELDS])
     return buf.getvalue()
 
 
@@ -198,20 +278,22 @@ def tex_escape(s: str) -> str:
     """Escape LaTeX's special characters in plain text."""
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
            "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-           "^": r"\textasciicircum{}", "–": "--", "Δ": r"$\Delta$"}
+           "^": r"\textasciicircum{}", "–": "--", "Δ": r"$\Delta$", PM: r"$\pm$"}
     return "".join(rep.get(c, c) for c in s)
 
 
-def to_latex(table: Table, results: Sequence[RunResult]) -> str:
-    """A booktabs ``table`` environment; missing/failed rows are marked in italics."""
-    rows = metrics(results, table.reference)
+def to_latex(table: Table, results: Sequence[RunResult], asked: int | None = None) -> str:
+    """A booktabs ``table`` environment; rows that are not ok are marked in italics."""
+    rows = metrics(results, table.reference, asked)
     lines = [f"% generated by kron-tables render {table.name}; do not edit",
              r"\begin{table}[t]", r"\centering", r"\small",
              rf"\caption{{{tex_escape(table.title)}}}", rf"\label{{tab:kron-{table.name}}}",
-             r"\begin{tabular}{ll" + "r" * 8 + "ll}", r"\toprule",
+             r"\begin{tabular}{ll" + "r" * 9 + "ll}", r"\toprule",
              " & ".join(tex_escape(c) for c in COLUMNS) + r" \\", r"\midrule"]
     for m in rows:
         cells = [tex_escape(c) for c in _cells(m, lambda s: s)]
+        cells = [c.replace("x ", r"$\times$ ", 1) if i in RATIO_COLUMNS else c
+                 for i, c in enumerate(cells)]
         cells = [c[:-1] + r"$\times$" if c.endswith("x") and c[:-1].replace(".", "").isdigit()
                  else c for c in cells]
         if m["status"] != "ok":
