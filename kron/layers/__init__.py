@@ -3,6 +3,7 @@
 from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
 from kron.layers.kronecker import KronConv2d, KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
+from kron.layers.planning import apply_plan, clear_plan, plan
 from kron.layers.shapes import Factorization, choose_terms, factorizations, kron_term_shapes
 
 __all__ = [
@@ -19,4 +20,7 @@ __all__ = [
     "nearest_kronecker",
     "fit_kronecker_sum",
     "kron_compose",
+    "plan",
+    "apply_plan",
+    "clear_plan",
 ]

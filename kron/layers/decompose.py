@@ -45,18 +45,28 @@ def rearrange(weight: torch.Tensor, a_shape: Sequence[int]) -> torch.Tensor:
     )
 
 
-def kron_compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def kron_compose(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum_r kron(a[r], b[r])`` for stacked factors ``a (R, *a_shape)``, ``b (R, *b_shape)``.
 
-    One broadcasted product instead of R calls to ``torch.kron``; same index convention.
+    Same index convention as ``torch.kron``. The sum over ``r`` is one GEMM,
+    ``(prod a, R) @ (R, prod b)``, whose ``[a_idx, b_idx]`` entry is the rearranged weight
+    (:func:`rearrange`); a permutation interleaves the axes. Peak memory: one temporary of W's
+    size (the GEMM's output), never an R-fold one. With ``out`` (W's shape), the sum is added to
+    ``out`` in place and ``out`` is returned, so that several shape groups accumulate into one
+    buffer (docs/design.md, layers: memory).
     """
-    nd = a.dim() - 1
     r = a.shape[0]
-    # a -> (R, a0, 1, a1, 1, ...), b -> (R, 1, b0, 1, b1, ...), product -> (R, a0, b0, a1, b1, ..)
-    a_view = a.reshape([r] + [s for d in a.shape[1:] for s in (d, 1)])
-    b_view = b.reshape([r] + [s for d in b.shape[1:] for s in (1, d)])
-    full = (a_view * b_view).sum(0)
-    return full.reshape([a.shape[1 + i] * b.shape[1 + i] for i in range(nd)])
+    a_shape, b_shape = tuple(a.shape[1:]), tuple(b.shape[1:])
+    nd = len(a_shape)
+    outer = torch.mm(a.reshape(r, -1).t(), b.reshape(r, -1))  # [a_idx, b_idx]
+    interleave = [i for k in range(nd) for i in (k, nd + k)]
+    part = outer.view(*a_shape, *b_shape).permute(interleave)  # (a0, b0, a1, b1, ...)
+    if out is None:
+        return part.reshape([x * y for x, y in zip(a_shape, b_shape)])
+    out.view([s for pair in zip(a_shape, b_shape) for s in pair]).add_(part)
+    return out
 
 
 # Below this size of the rearranged matrix's smaller side a full SVD is cheap; above it, the
