@@ -1,4 +1,6 @@
-"""Process set-up shared by kron's entrypoints (``kron.train``, ``kron.bench``, ``kron-tables``).
+"""Process set-up shared by kron's entrypoints (``kron.train``, ``kron.bench``, ``kron-tables``):
+the allocator (once per process) and the process-wide state of one training job
+(:func:`job_scope`: seeds, deterministic flags, threads, cuBLAS workspace; set and restored).
 
 The allocator: glibc serves every block above its mmap threshold (128 KiB, adaptively raised up
 to 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``. A layer that allocates
@@ -17,6 +19,16 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kron.distributed import CUBLAS_WORKSPACE
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -70,3 +82,84 @@ def configure_allocator() -> str:
         if ok else "allocator: glibc rejected mallopt settings; left at its defaults"
     )
     return _configured
+
+
+# ----------------------------------------------------------------------------- one job's state
+@dataclass
+class JobSettings:
+    """The process-wide knobs one training job sets (and :func:`job_scope` restores)."""
+
+    seed: int = 0
+    deterministic: bool = True
+    cuda: bool = False
+    threads: int | None = None
+
+
+def _flags() -> dict[str, Any]:
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def _set_flags(f: dict[str, Any]) -> None:
+    torch.set_num_threads(f["threads"])
+    torch.use_deterministic_algorithms(f["deterministic"], warn_only=f["warn_only"])
+    torch.backends.cudnn.benchmark = f["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = f["cudnn_deterministic"]
+    torch.backends.cudnn.allow_tf32 = f["cudnn_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = f["matmul_tf32"]
+
+
+def _rng_states() -> tuple[Any, ...]:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_rng_states(states: tuple[Any, ...]) -> None:
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+@contextmanager
+def job_scope(s: JobSettings) -> Iterator[list[str]]:
+    """Set the process-wide state one job needs, and put back what was there on exit.
+
+    Inside: the CPU RNGs (torch, numpy, random) seeded with ``s.seed``; deterministic
+    algorithms and cuDNN settings as ``s`` says (TF32 matmuls on CUDA); ``threads``
+    intra-op threads; ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS. On exit every one of
+    these, the RNG states included, is what it was before, so two jobs of a multirun in one
+    process behave like two processes. Yields the list of notes (one line each) about what
+    could not be done, e.g. cuBLAS already initialised. See docs/design.md, "Process set-up".
+    """
+    before, rngs = _flags(), _rng_states()
+    env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    notes: list[str] = []
+    if s.deterministic and s.cuda and env_before is None:
+        if torch.cuda.is_initialized():
+            notes.append("CUDA was initialised before the job set CUBLAS_WORKSPACE_CONFIG: "
+                         "cuBLAS may not be deterministic (set it in the environment)")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    try:
+        torch.manual_seed(s.seed)
+        np.random.seed(s.seed % 2**32)
+        random.seed(s.seed)
+        _set_flags({
+            "threads": int(s.threads) if s.threads else before["threads"],
+            "deterministic": s.deterministic, "warn_only": True,
+            "cudnn_benchmark": s.cuda and not s.deterministic,
+            "cudnn_deterministic": s.deterministic,
+            "cudnn_tf32": s.cuda,
+            "matmul_tf32": s.cuda,
+        })
+        yield notes
+    finally:
+        _set_flags(before)
+        _set_rng_states(rngs)
+        if env_before is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

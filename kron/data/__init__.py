@@ -2,8 +2,10 @@
 
 `build_datasets(cfg)` turns a data config (`configs/data/*.yaml`) into (train, test) datasets of
 normalised float tensors; the classes below give raw `(uint8 tensor (C, H, W), int label)` items
-with `transform=None`, and each has `.classes`. Every problem with files on disk raises
-`DatasetError` with a one-line message saying what is wrong and how to fix it.
+with `transform=None`, and each has `.classes`. `build_loader` is the one DataLoader builder
+(training and tests): per-rank shards, per-sample seeded augmentation, the config's loader
+options. Every problem with files on disk raises `DatasetError` with a one-line message saying
+what is wrong and how to fix it.
 
 Names are imported on first use, so `python -m kron.data.hwdb` and friends run without the
 package importing their module twice.
@@ -25,6 +27,7 @@ _EXPORTS = {
     "build_dataset": "build",
     "build_datasets": "build",
     "build_loader": "build",
+    "set_epoch": "build",
     "build_transform": "transforms",
 }
 
@@ -38,6 +41,7 @@ __all__ = [
     "build_dataset",
     "build_datasets",
     "build_loader",
+    "set_epoch",
     "build_transform",
 ]
 
@@ -49,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .build import build_dataset, build_datasets, build_loader
+    from .build import build_dataset, build_datasets, build_loader, set_epoch
     from .hwdb import HWDB
     from .imagenet import ImageNet
     from .scenetext import Chars74K, ICDAR03Chars

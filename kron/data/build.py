@@ -1,13 +1,14 @@
-"""From a data config to datasets and DataLoaders: the one entry point training code uses."""
+"""From a data config to datasets and DataLoaders: the one builder training and tests use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .errors import DatasetError
 from .hwdb import HWDB
@@ -18,6 +19,7 @@ from .synthetic import ensure_synth_svhn
 from .transforms import build_transform
 
 NAMES = ("svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet")
+LOADER_KEYS = {"num_workers", "pin_memory", "persistent_workers"}
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:
@@ -113,29 +115,82 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     return train, test
 
 
-def build_loader(dataset: Dataset, cfg: Any, train: bool, batch_size: int | None = None,
-                 sampler: Sampler | None = None, device: str | torch.device | None = None
-                 ) -> DataLoader:
-    """A DataLoader with the config's `loader` settings (workers, pinning, persistence).
+class EpochSampler(DistributedSampler):
+    """This rank's shard of one seeded permutation per epoch, each index paired with its epoch.
 
-    `loader.pin_memory: auto` pins only when `device` (default: CUDA if available) is a GPU;
-    persistent workers are used only when there are workers. Training loaders shuffle (unless
-    a `sampler`, e.g. DistributedSampler, is given) and drop the last partial batch.
+    The permutation depends on ``(seed, epoch)`` only, and rank ``r`` of ``world`` takes every
+    ``world``-th index from ``r``, so the ranks' shards are disjoint and together form the
+    single-process order (a global batch holds the same samples at any world size). The epoch
+    travels with each index to :class:`SeededItems`, also into persistent workers.
     """
-    c = as_dict(cfg).get("loader", {})
-    workers = int(c.get("num_workers", 2))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
+
+
+class SeededItems(Dataset):
+    """``dataset[i]`` with its random transforms drawn from a generator seeded by
+    ``(seed, epoch, i)``.
+
+    Why: a sample's augmentation is then the same whichever rank or worker loads it, however
+    many workers there are and whether they persist, and after a resume; and no two samples of
+    a run (so no two ranks) draw from one stream. The global torch RNG is restored after each
+    item, so model code (dropout) never sees the data's draws.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, i = key
+        item_seed = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(item_seed))
+            return self.dataset[i]
+
+
+def build_loader(dataset: Dataset, loader_cfg: Mapping[str, Any], *, batch_size: int,
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 device: str | torch.device = "cpu") -> DataLoader:
+    """The DataLoader training (and every test) uses, with every option of ``loader_cfg``.
+
+    ``loader_cfg`` is a data config's ``loader`` mapping: ``num_workers``, ``pin_memory``
+    (``auto``: pin when ``device`` is a GPU) and ``persistent_workers`` (in effect only with
+    workers, as torch requires). ``batch_size`` is per process. Training (``train=True``): this
+    rank's shard of a seeded permutation per epoch (:class:`EpochSampler`; call
+    :func:`set_epoch` before each epoch), per-sample seeded augmentation (:class:`SeededItems`),
+    the last partial batch dropped (every rank takes the same number of steps). Evaluation:
+    items ``rank, rank + world, ...`` in order, nothing dropped. Worker processes get a base
+    seed distinct per rank (``kron.distributed.seed_for_rank``). See docs/design.md, "The
+    training recipe".
+    """
+    from kron.distributed import seed_for_rank
+
+    c = as_dict(loader_cfg)
+    unknown = set(c) - LOADER_KEYS
+    if unknown:
+        raise ValueError(f"data.loader: unknown option(s) {sorted(unknown)}; the loader takes "
+                         f"{sorted(LOADER_KEYS)}")
+    workers = int(c.get("num_workers", 0))
     pin = c.get("pin_memory", "auto")
-    if pin == "auto":
-        dev = torch.device(device) if device is not None else None
-        pin = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
-    return DataLoader(
-        dataset,
-        batch_size=int(batch_size or c.get("batch_size", 128)),
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=bool(pin),
-        persistent_workers=bool(c.get("persistent_workers", True)) and workers > 0,
-        prefetch_factor=c.get("prefetch_factor", 2) if workers > 0 else None,
-        drop_last=train and bool(c.get("drop_last", True)),
-    )
+    pin = torch.device(device).type == "cuda" if pin == "auto" else bool(pin)
+    generator = torch.Generator().manual_seed(seed_for_rank(seed, rank))
+    sampler: Sampler | None = None
+    if train:
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        dataset = SeededItems(dataset, seed)
+    else:
+        dataset = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler,
+                      num_workers=workers, pin_memory=pin,
+                      persistent_workers=bool(c.get("persistent_workers", False)) and workers > 0,
+                      drop_last=train, generator=generator)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Start ``epoch`` on a training loader from :func:`build_loader` (its order and seeds)."""
+    loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]

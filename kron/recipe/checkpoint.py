@@ -1,0 +1,185 @@
+"""Checkpoints and resume: what is saved, how a run is found again, and which runs are live.
+
+A checkpoint (``last.pt``, written atomically at the end of every epoch) holds only tensors and
+primitive containers, so ``torch.load(weights_only=True)`` reads it: the model and optimizer
+state, the grad scaler, the epoch and step, the history, every rank's RNG state, the W&B id and
+the config as YAML. A run folder holds ``RUNNING.json`` (host and pid) while its job runs;
+``resume=true`` never picks a folder whose job is still alive. See docs/design.md, "The
+training recipe".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from kron.fileio import atomic_write, atomic_write_text
+
+CKPT_NAME = "last.pt"
+MARKER_NAME = "RUNNING.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: epochs done, optimizer steps, per-epoch records, the W&B run."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wandb_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG streams as tensors and primitives (``weights_only``-loadable): torch
+    CPU, this process's CUDA device (if it uses one), numpy, Python."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> str | None:
+    """Restore one process's RNG streams; returns a note when the CUDA stream cannot be."""
+    torch.set_rng_state(state["torch"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before one-device states: every device's state
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+    elif cuda is not None or device.type == "cuda":
+        return "CUDA RNG state not restored (saved and resumed on different device types)"
+    return None
+
+
+def restore_rng(states: list[dict[str, Any]], rank: int, world: int,
+                device: torch.device) -> str | None:
+    """Give rank ``rank`` its saved RNG streams; one line saying what could not be restored.
+
+    On another number of processes, ranks beyond the saved ones keep their fresh seeds. Data
+    order and augmentation do not depend on these streams (they follow seed, epoch and sample),
+    only model-side randomness such as dropout does.
+    """
+    notes = []
+    if rank < len(states):
+        note = set_rng_state(states[rank], device)
+        if note:
+            notes.append(note)
+    if len(states) != world:
+        kept = min(world, len(states))
+        line = (f"checkpoint from {len(states)} processes resumed on {world}: model, optimizer "
+                f"and RNG streams of ranks 0-{kept - 1} restored")
+        line += (f", RNG streams of saved ranks {world}-{len(states) - 1} dropped"
+                 if len(states) > world else
+                 f", ranks {len(states)}-{world - 1} keep their own fresh seeds")
+        notes.insert(0, line + " (data order and augmentation follow seed, epoch and sample)")
+    return "resume: " + "; ".join(notes) if notes else None
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(path: Path, **content: Any) -> None:
+    """Write ``content`` to ``path`` atomically (a reader never sees half a checkpoint)."""
+    atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- live runs
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def running_elsewhere(folder: Path) -> str | None:
+    """Why ``folder``'s job counts as still running (one line), or None when it does not.
+
+    A marker from this host counts only while its process lives (a killed job leaves its
+    marker behind); one from another host counts, as this host cannot tell (delete the file
+    once that job is gone).
+    """
+    f = folder / MARKER_NAME
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    host, pid = info.get("host"), int(info.get("pid", -1))
+    if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+        return None
+    return f"{folder} is in use by pid {pid} on {host} (delete {f} if that job is gone)"
+
+
+@contextmanager
+def run_marker(folder: Path) -> Iterator[None]:
+    """Mark ``folder`` as running for the duration of the block (rank 0 only)."""
+    busy = running_elsewhere(folder)
+    if busy:
+        raise RuntimeError(f"run folder {busy}")
+    marker = folder / MARKER_NAME
+    atomic_write_text(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _override_key(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.startswith(("resume=", "hydra.")))
+
+
+def find_resume(resume: Any, out_dir: Path, overrides: list[str]) -> Path | None:
+    """The checkpoint to resume from: an explicit file/folder; or, with ``resume=true``, this
+    run's folder, else the newest earlier run folder (two levels up: any day's runs, or this
+    sweep) with the same overrides whose job is not running. Prints why it skips live runs."""
+    if resume in (None, False, "false", "False", ""):
+        return None
+    if resume not in (True, "true", "True"):
+        p = Path(hydra.utils.to_absolute_path(str(resume)))
+        p = p / CKPT_NAME if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"resume={resume}: no checkpoint at {p}")
+        return p
+    if (out_dir / CKPT_NAME).is_file():
+        return out_dir / CKPT_NAME
+    want = _override_key(overrides)
+    for ckpt in sorted(out_dir.parents[1].rglob(CKPT_NAME), key=lambda p: p.stat().st_mtime,
+                       reverse=True):
+        ov = ckpt.parent / ".hydra" / "overrides.yaml"
+        if ckpt.parent == out_dir or not ov.is_file() or _override_key(
+                list(OmegaConf.load(ov))) != want:
+            continue
+        busy = running_elsewhere(ckpt.parent)
+        if busy:
+            print(f"resume=true: skipping {busy}")
+            continue
+        return ckpt
+    print(f"resume=true: no earlier checkpoint with the same overrides under {out_dir.parent}; "
+          "starting fresh")
+    return None
