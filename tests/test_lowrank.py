@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -147,29 +149,77 @@ def test_separable_fit_is_optimal(dtype, rank, kernel):
     assert err == pytest.approx(optimum, rel=1e-5)
 
 
+def low_rank_kernels() -> dict[str, torch.Tensor]:
+    """(7, 6, 3, 2) kernels built by each model's definition (not by the layers' code), with
+    their model ranks: separable 4, CP 3, Tucker-2 (2, 3)."""
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64)
+
+    sep = rnd(6 * 3, 4) @ rnd(4, 7 * 2)  # rank 4 as a (c, i) x (f, j) matrix
+    cp = sum(
+        rnd(7)[:, None, None, None] * rnd(6)[None, :, None, None] * rnd(3)[None, None, :, None]
+        * rnd(2)[None, None, None, :]
+        for _ in range(3)
+    )
+    core, u_out, u_in = rnd(3, 2, 3, 2), rnd(7, 3), rnd(6, 2)
+    tucker = (u_out @ core.permute(2, 3, 0, 1) @ u_in.T).permute(2, 3, 0, 1)
+    return {
+        "separable": sep.reshape(6, 3, 7, 2).permute(2, 0, 1, 3),
+        "cp": cp,
+        "tucker": tucker,
+    }
+
+
 def test_exact_recovery_of_low_rank_weights():
-    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
     linear = nn.Linear(20, 16, dtype=F64)
     with torch.no_grad():
-        linear.weight.copy_(LowRankLinear(20, 16, 3, dtype=F64).dense_weight())
+        linear.weight.copy_(torch.randn(16, 3, generator=g, dtype=F64)
+                            @ torch.randn(3, 20, generator=g, dtype=F64))
     assert rel_err(LowRankLinear.from_linear(linear, 3).dense_weight(), linear.weight) < 1e-12
+    assert rel_err(LowRankLinear.from_linear(linear, 2).dense_weight(), linear.weight) > 1e-3
 
-    for source, fit in [
-        (SeparableConv2d(6, 7, (3, 2), 4, dtype=F64), lambda c: SeparableConv2d.from_conv(c, 4)),
-        (CPConv2d(6, 7, (3, 2), 3, dtype=F64), lambda c: CPConv2d.from_conv(c, 3)),
-        (
-            TuckerConv2d(6, 7, (3, 2), (2, 3), dtype=F64),
-            lambda c: TuckerConv2d.from_conv(c, (2, 3)),
-        ),
-        (
-            TuckerConv2d(6, 7, (3, 2), (2, 3), dtype=F64),
-            lambda c: TuckerConv2d.from_conv(c, (4, 5)),
-        ),
+    kernels = low_rank_kernels()
+    for kind, rank, too_small in [
+        ("separable", 4, 3), ("cp", 3, 2), ("tucker", (2, 3), (2, 2)), ("tucker", (4, 5), (1, 3))
     ]:
+        cls = {"separable": SeparableConv2d, "cp": CPConv2d, "tucker": TuckerConv2d}[kind]
         conv = nn.Conv2d(6, 7, (3, 2), dtype=F64)
         with torch.no_grad():
-            conv.weight.copy_(source.dense_weight())
-        assert rel_err(fit(conv).dense_weight(), conv.weight) < 1e-8, type(source).__name__
+            conv.weight.copy_(kernels[kind])
+        assert rel_err(cls.from_conv(conv, rank).dense_weight(), conv.weight) < 1e-8, kind
+        assert rel_err(cls.from_conv(conv, too_small).dense_weight(), conv.weight) > 1e-3, kind
+
+
+@pytest.mark.parametrize("kind", ["linear", "separable", "cp", "tucker"])
+def test_dense_weight_is_the_impulse_response(kind):
+    """``dense_weight()`` read off the layer's own staged forward: a conv without bias, stride,
+    padding or dilation maps a one-hot ``(c, i, j)`` input of kernel size to ``W[:, c, i, j]``."""
+    torch.manual_seed(15)
+    if kind == "linear":
+        layer, eye = LowRankLinear(6, 5, 2, bias=False, dtype=F64), torch.eye(6, dtype=F64)
+        torch.testing.assert_close(layer.dense_weight(), layer(eye).T, rtol=1e-12, atol=1e-12)
+        return
+    layer = make_conv(kind, 3, 5, (3, 2), 2, bias=False, dtype=F64)
+    eye = torch.eye(3 * 3 * 2, dtype=F64).reshape(-1, 3, 3, 2)
+    response = layer(eye).reshape(3, 3, 2, 5).permute(3, 0, 1, 2)
+    torch.testing.assert_close(layer.dense_weight(), response, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "build,params",
+    [  # counted by hand: factor sizes plus the bias (5 or 6 or 9 entries)
+        (lambda: LowRankLinear(12, 9, 4), 4 * 12 + 9 * 4 + 9),  # 93
+        (lambda: SeparableConv2d(5, 6, (3, 2), 3), 3 * 5 * 3 + 6 * 3 * 2 + 6),  # 87
+        (lambda: CPConv2d(5, 6, (3, 2), 3), 3 * 5 + 3 * 3 + 3 * 2 + 6 * 3 + 6),  # 54
+        (lambda: TuckerConv2d(5, 6, (3, 2), (2, 3)), 2 * 5 + 3 * 2 * 3 * 2 + 6 * 3 + 6),  # 70
+        (lambda: TuckerConv2d(5, 6, (3, 2), (2, 3), bias=False), 64),
+    ],
+)
+def test_parameter_counts(build, params):
+    assert sum(p.numel() for p in build().parameters()) == params
 
 
 @pytest.mark.parametrize("shape,rank", [((8, 6, 3, 3), 3), ((16, 12, 3, 3), 8), ((6, 4, 3, 1), 2)])
@@ -428,3 +478,175 @@ def test_cuda_forward_and_fit(kind):
         expected = dense_conv(layer, x)
     assert all(p.is_cuda for p in layer.parameters())
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+# --- every mode, like nn.Linear / nn.Conv2d ------------------------------------------------------
+
+KINDS = ["linear", *CONV_LAYERS]
+
+
+def small_layer(kind: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A small layer of ``kind`` and an input for it (seeded)."""
+    torch.manual_seed(13)
+    if kind == "linear":
+        layer = LowRankLinear(12, 8, 3, dtype=dtype, device=device)
+        return layer, torch.randn(5, 12, dtype=dtype, device=device)
+    layer = make_conv(kind, 4, 6, 3, 3, stride=(1, 2), padding=1, dtype=dtype, device=device)
+    return layer, torch.randn(2, 4, 7, 8, dtype=dtype, device=device)
+
+
+def grads(layer: nn.Module, x: torch.Tensor, run=None, seed: int = 14) -> dict[str, torch.Tensor]:
+    """Output of ``run`` (default ``layer``) and the gradients of ``<out, g>`` wrt the input and
+    every trainable parameter of ``layer``."""
+    x = x.detach().clone().requires_grad_()
+    out = (layer if run is None else run)(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    names = ["input", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    wrt = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    return {"out": out.detach(), **dict(zip(names, torch.autograd.grad((out * g).sum(), wrt)))}
+
+
+def assert_same(got: dict, want: dict, **tolerance) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key, **tolerance)
+
+
+def bf16_close(approx: torch.Tensor, exact: torch.Tensor, stages: int) -> None:
+    """Within bfloat16 precision: each stage rounds its inputs (relative error 2**-8 each)."""
+    assert rel_err(approx.float(), exact.float()) < 2 * (stages + 1) * 2.0**-8
+
+
+STAGES = {"linear": 2, "separable": 2, "cp": 4, "tucker": 3}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_autocast_bf16_like_torch_layers(kind):
+    layer, x = small_layer(kind)
+    reference = grads(layer, x)
+    torch_layer = nn.Linear(3, 3) if kind == "linear" else nn.Conv2d(3, 3, 1)
+    torch_x = torch.randn(2, 3) if kind == "linear" else torch.randn(1, 3, 2, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+        assert out.dtype == torch_layer(torch_x).dtype == torch.bfloat16
+        got = grads(layer, x)
+    bf16_close(out, reference["out"], STAGES[kind])
+    for name, p in layer.named_parameters():  # master weights stay float32, as in torch
+        assert got[name].dtype == p.dtype == torch.float32
+        bf16_close(got[name], reference[name], STAGES[kind] + 1)
+    assert got["input"].dtype == torch.float32
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_autocast_like_torch_layers(kind, dtype):
+    layer, x = small_layer(kind, device="cuda")
+    reference = layer(x)
+    with torch.autocast("cuda", dtype):
+        out = layer(x)
+    assert out.dtype == dtype
+    if dtype == torch.bfloat16:
+        bf16_close(out, reference, STAGES[kind])
+    else:
+        assert rel_err(out.float(), reference) < 2 * (STAGES[kind] + 1) * 2.0**-11
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_mode_then_training(kind):
+    layer, x = small_layer(kind)
+    fresh = grads(layer, x)
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, fresh["out"], rtol=0, atol=0)
+    layer.train()
+    assert_same(grads(layer, x), fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_parameters(kind):
+    layer, x = small_layer(kind, dtype=F64)
+    trainable = grads(layer, x)
+    first, *rest = [n for n, _ in layer.named_parameters()]
+    layer.get_parameter(first).requires_grad_(False)  # e.g. fine-tuning all but one factor
+    partial = grads(layer, x)
+    assert first not in partial
+    assert_same(partial, {k: v for k, v in trainable.items() if k != first})
+    layer.requires_grad_(False)  # fully frozen: still differentiable wrt its input
+    frozen = grads(layer, x)
+    assert frozen.keys() == {"out", "input"}
+    torch.testing.assert_close(frozen["input"], trainable["input"])
+    assert all(p.grad is None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_equals_eager(kind):
+    """Dynamo captures the whole layer (fullgraph: no graph break) and AOTAutograd's forward and
+    backward agree with eager; the Inductor variant below runs in CI."""
+    torch._dynamo.reset()
+    layer, x = small_layer(kind, dtype=F64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_same(grads(layer, x, compiled), grads(layer, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_inductor_equals_eager(kind):
+    torch._dynamo.reset()
+    layer, x = small_layer(kind)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_same(grads(layer, x, compiled), grads(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CONV_LAYERS)
+def test_channels_last_model_and_gradients(kind):
+    """``model.to(memory_format=torch.channels_last)`` works on a net holding the layer, with the
+    same outputs and gradients as the contiguous net."""
+    layer, x = small_layer(kind, dtype=F64)
+    net = nn.Sequential(layer, nn.BatchNorm2d(6, dtype=F64), nn.ReLU())
+    contiguous = grads(net, x)
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    got = grads(net_cl, x.to(memory_format=torch.channels_last))
+    assert_same(got, contiguous)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepcopy_is_independent(kind):
+    layer, x = small_layer(kind)
+    twin = copy.deepcopy(layer)
+    assert repr(twin) == repr(layer)
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    before = layer(x).detach()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(2.0)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    assert not torch.equal(twin(x), before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    layer, x = small_layer(kind)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    twin, _ = small_layer(kind)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert twin.load_state_dict(state) is not None
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    assert set(state) == EXPECTED_KEYS[kind]
+    wrong_rank = LowRankLinear(12, 8, 2) if kind == "linear" else make_conv(kind, 4, 6, 3, 2)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wrong_rank.load_state_dict(state)
+
+
+EXPECTED_KEYS = {
+    "linear": {"weight_u", "weight_v", "bias"},
+    "separable": {"weight_vertical", "weight_horizontal", "bias"},
+    "cp": {"weight_in", "weight_vertical", "weight_horizontal", "weight_out", "bias"},
+    "tucker": {"weight_in", "weight_core", "weight_out", "bias"},
+}
