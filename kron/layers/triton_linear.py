@@ -161,7 +161,7 @@ def _launch(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2),
         BM1=tiles[0], BN1=tiles[1], BM2=tiles[2], BN2=tiles[3],
-        PRECISION=_fp32_precision() if x2.dtype == torch.float32 else "ieee",
+        PRECISION=_fp32_precision() if x2.dtype == torch.float32 else None,  # backend default
         num_warps=4 if largest <= 64 * 64 else 8,
     )
     return y
