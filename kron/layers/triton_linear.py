@@ -108,7 +108,7 @@ if tl is not None:
                     other=0.0)  # (BN1, BN2)
         a_mask = (i[:, None] < m1) & (k[None, :] < n1)
         bt_mask = (l[:, None] < n2) & (j[None, :] < m2)
-        acc = tl.zeros((BM1, BM2), dtype=tl.float32)
+        acc = tl.full((BM1, BM2), 0.0, tl.float32)  # a builtin, unlike tl.zeros (see _kernel)
         for r in range(n_terms):
             # B_r^T tile (BN2, BM2): element [l, j] = B_r[j, l].
             bt = tl.load(b_ptr + r * stride_br + l[:, None] * stride_bl + j[None, :] * stride_bj,
@@ -126,7 +126,12 @@ _JITTED: dict[bool, object] = {}
 
 
 def _kernel():
-    """The jitted kernel for the current interpreter mode (Triton decides at decoration)."""
+    """The jitted kernel for the current interpreter mode (Triton decides at decoration).
+
+    Jitting here rather than at import lets ``TRITON_INTERPRET`` be set after ``import triton``.
+    That holds only because the kernel calls core builtins alone: Triton's own ``@jit``
+    helpers (``tl.zeros``, ``tl.sum``, ...) were jitted for the mode in force when triton was
+    imported, and a kernel calling them fails in the other mode."""
     mode = _interpret_mode()
     if mode not in _JITTED:
         _JITTED[mode] = triton.jit(_kron_sum_kernel)
