@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kron.bench import control_summary, format_table, main
+from kron.bench import control_summary, conv_case, format_table, main, paper_cases, run_case
 
 
 def run_bench(tmp_path, *extra: str) -> list[dict]:
@@ -71,3 +71,15 @@ def test_format_table_leaves_out_columns_no_row_has():
     assert table.splitlines()[0].split("|")[1:-1] == [
         " case ", " N ", " peak K MiB ", " compose peak/W "]
     assert table.splitlines()[2] == "| a    | 2 | 3.00       | 2.00           |"
+
+
+def test_conv_case_as_run_on_cuda_channels_last_runs_on_the_cpu():
+    """The CUDA rows of conv layers run channels_last; the same row runs here, counted right."""
+    row = run_case(conv_case(32, 3, (4, 4, 1, 1), 1, 8, 2, channels_last=True),
+                   torch.device("cpu"), repeats=1, warmup=0)
+    assert row["channels_last"]
+    for device, expected in (("cuda", True), ("cpu", False)):
+        assert {c.channels_last for c in paper_cases(device) if c.name.startswith("conv")} == {
+            expected}
+    assert row["macs_dense"] == 2 * 32 * 32 * 9 * 8 * 8  # N * out * in * k^2 * H * W
+    assert row["output_bytes"] == 2 * 32 * 8 * 8 * 4
