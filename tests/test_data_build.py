@@ -8,8 +8,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_schema import DataConfig, check_against
+from kron.data import DatasetError, build_datasets, build_loader, build_transform, set_epoch
+from kron.data.build import EpochSampler, SeededItems
+from kron.distributed import DistContext
 from kron.paths import CONFIG_DIR
-from kron.data import DatasetError, build_datasets, build_loader, build_transform
+from kron.recipe.data import build_data
+from kron.recipe.setup import Job
 from kron.data.hwdb import convert
 from kron.data.synthetic import (
     random_gnt_records,
@@ -29,15 +34,11 @@ def _cfg(name, **overrides):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_config_composes_with_required_keys(name):
+def test_every_config_matches_the_schema(name):
     cfg = _cfg(name)
     assert cfg.name == name
-    for key in ("num_classes", "in_channels", "input_size", "transforms", "loader"):
-        assert key in cfg
+    check_against(OmegaConf.to_container(cfg, resolve=True), DataConfig, "data")
     assert len(cfg.transforms.mean) == len(cfg.transforms.std) == cfg.in_channels
-    assert cfg.loader.num_workers == 2 and cfg.loader.persistent_workers
-    assert cfg.loader.pin_memory == "auto"
-    OmegaConf.resolve(cfg)  # every interpolation resolves
     assert str(cfg.get("root", cfg.get("path"))).startswith("data/")
 
 
@@ -53,12 +54,9 @@ def test_synth_svhn_generated_on_first_use(tmp_path):
     mean = torch.tensor(cfg.transforms.mean)[:, None, None]
     std = torch.tensor(cfg.transforms.std)[:, None, None]
     assert torch.allclose(test[0][0], (test_raw - mean) / std, atol=1e-5)  # test: no augment
-    loader = build_loader(train, cfg, train=True, batch_size=16)
-    assert loader.num_workers == 2 and loader.persistent_workers and loader.drop_last
-    assert loader.pin_memory == torch.cuda.is_available()
-    xb, yb = next(iter(build_loader(test, {"loader": {"num_workers": 0}}, train=False,
-                                    batch_size=8)))
+    xb, yb = next(iter(build_loader(test, {"num_workers": 0}, train=False, batch_size=8)))
     assert xb.shape == (8, 3, 32, 32) and yb.dtype == torch.int64
+    assert torch.equal(xb[3], test[3][0])  # evaluation: in order, untransformed by seeds
 
 
 def test_hwdb_config(tmp_path):
@@ -113,3 +111,81 @@ def test_transform_pipeline_order():
     out = t(torch.full((3, 50, 60), 255, dtype=torch.uint8))
     assert out.shape == (1, 32, 32) and out.dtype == torch.float32
     assert abs(out.max().item() - 1.0) < 1e-3  # white stays white (grey applied on floats)
+
+
+# ----------------------------------------------------------------------------- the loader
+class Crops(torch.utils.data.Dataset):
+    """Item i: a random crop offset drawn from the global torch RNG (as torchvision does)."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        return torch.tensor([i, *torch.randint(0, 1000, (2,)).tolist()]), i
+
+
+@pytest.mark.parametrize("workers,pin,persistent", [(0, False, True), (2, True, True),
+                                                   (2, False, False), (1, "auto", True)])
+def test_every_loader_option_reaches_the_loader(tmp_path, workers, pin, persistent):
+    # through the recipe's data step, as training builds its loaders
+    cfg = OmegaConf.merge(_cfg("synth_svhn", root=tmp_path, **{"synth.n_train": 16,
+                                                               "synth.n_test": 8}),
+                          {"loader": {"num_workers": workers, "pin_memory": pin,
+                                      "persistent_workers": persistent}})
+    train_cfg = OmegaConf.create({"data": cfg, "seed": 0, "batch_size": 4,
+                                  "eval_batch_size": 8})
+    job = Job(tmp_path, DistContext(), None, False, "")
+    data = build_data(train_cfg, job)
+    for loader in (data.train, data.test):
+        assert loader.num_workers == workers
+        assert loader.pin_memory == (pin is True)  # auto: only for a GPU device
+        assert loader.persistent_workers == (persistent and workers > 0)
+    assert data.train.batch_size == 4 and data.test.batch_size == 8 and data.train.drop_last
+    with pytest.raises(ValueError, match=r"data.loader: unknown option\(s\) \['batch_size'\]"):
+        build_loader(Crops(), {"batch_size": 3}, batch_size=4, train=True)
+
+
+def _epoch(loader, epoch):
+    set_epoch(loader, epoch)
+    return torch.cat([x for x, _ in loader])
+
+
+def test_augmentation_follows_seed_epoch_and_sample_only():
+    one = build_loader(Crops(), {"num_workers": 0}, batch_size=8, train=True, seed=1)
+    workers = build_loader(Crops(), {"num_workers": 2, "persistent_workers": True},
+                           batch_size=8, train=True, seed=1)
+    ranks = [build_loader(Crops(), {"num_workers": 0}, batch_size=4, train=True, seed=1,
+                          rank=r, world=2) for r in (0, 1)]
+    rng = torch.get_rng_state()
+    for epoch in (0, 1, 0):  # persistent workers see each epoch, and an epoch repeats exactly
+        a = _epoch(one, epoch)
+        assert torch.equal(a, _epoch(workers, epoch))
+        r0, r1 = (_epoch(r, epoch) for r in ranks)
+        assert not set(r0[:, 0].tolist()) & set(r1[:, 0].tolist())  # disjoint shards
+        # global batch k = rank 0's batch k + rank 1's batch k, same samples, same crops
+        both = torch.cat([r0.view(-1, 4, 3), r1.view(-1, 4, 3)], 1).view(-1, 3)
+        assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, a.tolist()))
+        for k in range(len(a) // 8):
+            assert set(both[8 * k:8 * k + 8, 0].tolist()) == set(a[8 * k:8 * k + 8, 0].tolist())
+    assert torch.equal(torch.get_rng_state(), rng)  # the data never draws from the global RNG
+    e0, e1 = _epoch(one, 0), _epoch(one, 1)
+    by_sample = {int(r[0]): r[1:] for r in e0}
+    assert any(not torch.equal(by_sample[int(r[0])], r[1:]) for r in e1)  # new crops per epoch
+    other_seed = build_loader(Crops(), {"num_workers": 0}, batch_size=8, train=True, seed=2)
+    assert not torch.equal(_epoch(other_seed, 0), e0)
+
+
+def test_worker_seeds_differ_per_rank():
+    seeds = [build_loader(Crops(), {"num_workers": 2}, batch_size=4, train=True, seed=0, rank=r,
+                          world=2).generator.initial_seed() for r in (0, 1)]
+    assert seeds[0] == 0 and seeds[1] != seeds[0]
+
+
+def test_epoch_sampler_and_seeded_items_directly():
+    s = EpochSampler(Crops(), num_replicas=1, rank=0, shuffle=True, seed=0)
+    s.set_epoch(3)
+    keys = list(s)
+    assert {e for e, _ in keys} == {3} and sorted(i for _, i in keys) == list(range(40))
+    items = SeededItems(Crops(), seed=0)
+    assert torch.equal(items[(3, 5)][0], items[(3, 5)][0])
+    assert items[(3, 5)][0][0] == 5 and len(items) == 40
