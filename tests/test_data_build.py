@@ -1,6 +1,5 @@
 """Data configs compose, and build_datasets turns each into normalised (train, test) datasets."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +10,6 @@ from omegaconf import OmegaConf
 from kron.config_schema import DataConfig, check_against
 from kron.data import DatasetError, build_datasets, build_loader, build_transform, set_epoch
 from kron.data.build import EpochSampler, SeededItems
-from kron.distributed import DistContext
-from kron.paths import CONFIG_DIR
-from kron.recipe.data import build_data
-from kron.recipe.setup import Job
 from kron.data.hwdb import convert
 from kron.data.synthetic import (
     random_gnt_records,
@@ -23,6 +18,10 @@ from kron.data.synthetic import (
     write_icdar03,
     write_imagenet,
 )
+from kron.distributed import DistContext
+from kron.paths import CONFIG_DIR
+from kron.recipe.data import build_data
+from kron.recipe.setup import Job
 
 CONFIGS = CONFIG_DIR / "data"
 NAMES = ["svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet"]
