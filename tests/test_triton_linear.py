@@ -197,3 +197,15 @@ def test_require_triton_names_the_fix(monkeypatch):
     assert not triton_available()
     with pytest.raises(RuntimeError, match="implementation='factored'"):
         require_triton(DEVICE)
+
+
+def test_runs_inside_torch_compile():
+    """Dynamo cannot trace the kernel launch; the function runs eagerly inside compiled code
+    (graph break) with the same values and gradients."""
+    x, a, b = _factors((1, 16, 16, 16, 16), torch.float32, seed=8)
+    compiled = torch.compile(lambda x, a, b: kron_linear_triton(x, a, b).relu(), backend="eager")
+    y = compiled(x, a, b)
+    y.sum().backward()
+    y_ref, _, [(ga_ref, _)] = _dense_reference(x, [(a, b)], (y > 0).to(y.dtype))
+    _assert_close(y, y_ref.relu(), torch.float32, "y")
+    _assert_close(a.grad, ga_ref, torch.float32, "dA")

@@ -215,6 +215,7 @@ class _KronSumTriton(torch.autograd.Function):
         return grad_x, grad_a, grad_b
 
 
+@torch.compiler.disable  # dynamo cannot trace the launch: run it eagerly inside compiled code
 def kron_linear_triton(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``y (N, m1*m2)`` with ``y[n] = sum_r vec(A_r X_n B_r^T)``, ``X_n = x2[n].view(n1, n2)``:
     ``x2 @ (sum_r kron(A_r, B_r))^T`` without building the weight (differentiable in all three).
