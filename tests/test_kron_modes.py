@@ -323,3 +323,77 @@ def test_composing_w_never_builds_a_larger_temporary_than_w(make_layer, grad):
                                                for a, b in layer.factor_pairs()
                                                for r in range(a.shape[0])).detach(),
                                rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------- implementations of the other helpers' kernels
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("terms, stride, padding, dilation", [
+    ([(2, 4, 1, 1), (2, 4, 1, 1)], 1, 1, 1),  # all pointwise: only the grouped path
+    ([(2, 4, 1, 1), (3, 2, 3, 1)], 2, (1, 2), (2, 1)),  # mixed: grouped + two-stage
+])
+def test_grouped_conv_path_matches_reference(monkeypatch, terms, stride, padding, dilation,
+                                             channels_last):
+    """The CUDA factored path for pointwise-A groups (grouped conv + 1x1 conv), forced on the
+    CPU: values and gradients equal the torch.kron reference."""
+    from kron.layers import kronecker
+
+    from kron.layers import kron_conv_grouped
+
+    monkeypatch.setattr(kronecker, "_GROUPED_CONV_DEVICES", ("cpu", "cuda"))
+    calls = []
+    original = kron_conv_grouped.pointwise_kron_conv
+    monkeypatch.setattr(kron_conv_grouped, "pointwise_kron_conv",
+                        lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    layer = KronConv2d(8, 6, 3, terms, stride=stride, padding=padding, dilation=dilation,
+                       implementation="factored", dtype=torch.float64)
+    x = torch.randn(3, 8, 11, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert len(calls) == 1  # one call for the (single) pointwise shape group
+    xr = x.detach().clone().requires_grad_(True)
+    ref = reference(layer, xr)
+    torch.testing.assert_close(y, ref)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [xr, *layer.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("terms", [[(4, 4)] * 2, [(4, 4), (2, 8), (4, 4)]])
+def test_triton_implementation_matches_reference(monkeypatch, terms):
+    """implementation='triton' (one fused kernel per shape group, summed, bias after) through
+    Triton's CPU interpreter: values and gradients equal the torch.kron reference."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    layer = KronLinear(32, 16, terms, implementation="triton", device=device)
+    x = torch.randn(2, 3, 32, device=device, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().double().requires_grad_(True)
+    ref = reference(layer, xr)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    (ref_gx,) = torch.autograd.grad(ref.square().sum(), xr)
+    torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-4, atol=1e-4)
+    dense = KronLinear(32, 16, terms, implementation="dense", device=device)
+    dense.load_state_dict(layer.state_dict())
+    dense(x.detach()).square().sum().backward()
+    for p, q in zip(layer.parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_without_a_usable_device_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError) as info:
+        KronLinear(32, 16, [(4, 4)], implementation="triton", device="cpu")
+    assert "implementation='factored'" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not one of"):
+        KronConv2d(8, 6, 3, [(2, 4, 1, 1)], implementation="triton")

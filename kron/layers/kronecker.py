@@ -51,6 +51,9 @@ from kron.layers.shapes import (
 )
 
 IMPLEMENTATIONS = ("auto", "factored", "dense", "triton")
+# Device types on which KronConv2d's factored path runs pointwise-A groups as one grouped conv
+# plus one 1x1 conv (kron.layers.kron_conv_grouped); tests add "cpu" to check it there.
+_GROUPED_CONV_DEVICES: tuple[str, ...] = ("cuda",)
 # CPU inference runs in chunks whose intermediate holds at most this many elements per thread
 # (1 MiB of float32), so that each thread's share stays in its L2 cache between the two stages.
 _CHUNK_FLOATS = 1 << 18
@@ -616,9 +619,14 @@ class KronConv2d(_KroneckerSum):
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
             x.is_contiguous()
         )
-        x = x.contiguous()
         pairs = self.factor_pairs(dtype)
         bias = self._bias(x.dtype)
+        if x.device.type in _GROUPED_CONV_DEVICES and any(is_pointwise(a) for a, _ in self.groups):
+            out = self._factored_grouped(x, pairs)
+            if bias is not None:
+                out = out + bias.view(1, -1, 1, 1)
+            return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+        x = x.contiguous()
         if self._fast_cpu_inference(x):
             out = self._factored_inference_cpu(x, pairs, bias)
         else:
@@ -627,6 +635,25 @@ class KronConv2d(_KroneckerSum):
                 out = out + bias.view(1, -1, 1, 1)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _factored_grouped(self, x: torch.Tensor, pairs: list) -> torch.Tensor:
+        """The factored forward with every pointwise-A group run as one grouped conv plus one
+        1x1 mixing conv (:func:`kron.layers.kron_conv_grouped.pointwise_kron_conv`, fast in
+        cuDNN, channels_last kept); the other groups run the two-stage path."""
+        from kron.layers.kron_conv_grouped import pointwise_kron_conv
+
+        out = None
+        rest = []
+        for (a_shape, _), (a, b) in zip(self.groups, pairs):
+            if is_pointwise(a_shape):
+                y = pointwise_kron_conv(x, a, b, self.stride, self.padding, self.dilation)
+                out = y if out is None else out + y
+            else:
+                rest.append((a, b))
+        if rest:
+            y = self._factored_block(x.contiguous(), rest)
+            out = out + y
         return out
 
     def _pad_plan(self) -> tuple[bool, tuple[int, int]]:
@@ -718,6 +745,9 @@ class KronConv2d(_KroneckerSum):
             macs = conv_group_macs(self.geometry, a, b_shape_for(self.weight_shape, a), r,
                                    input_shape)
             kind = "conv_pointwise" if is_pointwise(a) else "conv_spatial"
+            if (kind == "conv_pointwise" and device_type in _GROUPED_CONV_DEVICES
+                    and "conv_grouped" in cost_model.constants_for(device_type).penalty):
+                kind = "conv_grouped"
             groups.append(cost_model.GroupCost(kind, macs, 3))
         return cost_model.Workload(input_shape[0] * math.prod(self.weight_shape) * ho * wo,
                                    math.prod(self.weight_shape), tuple(r for _, r in self.groups),
