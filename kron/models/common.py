@@ -6,7 +6,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,26 +15,6 @@ def scale_width(channels: int, width: float, multiple: int = 4) -> int:
     Rounding keeps channel counts divisible by small Kronecker factors at every width.
     """
     return max(multiple, int(round(channels * width / multiple)) * multiple)
-
-
-class MaxPool2x2(nn.Module):
-    """Exactly ``nn.MaxPool2d(2)``, with a faster inference path on CPU.
-
-    Why: PyTorch's NCHW max-pool kernel on CPU is several times slower than a convolution layer
-    here and would dominate both twins' inference latency. Without autograd the pool is the
-    maximum of four strided views (5-7x faster, bit-identical values; odd sizes drop the last
-    row/column as ``MaxPool2d(2)`` does). With autograd it is ``F.max_pool2d``, whose backward
-    (one index scatter) is much cheaper than that of chained ``torch.maximum``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad) or x.is_cuda:
-            return F.max_pool2d(x, 2)
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        x = x[..., :h, :w]
-        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-        bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
-        return torch.maximum(top, bottom)
 
 
 class PlainConvNet(nn.Module):
@@ -91,11 +70,11 @@ class PlainConvNet(nn.Module):
             feats[f"relu{i}"] = nn.ReLU(inplace=True)
             if pool:
                 n_pool += 1
-                feats[f"pool{n_pool}"] = MaxPool2x2()
+                feats[f"pool{n_pool}"] = nn.MaxPool2d(2)
             c = out
         if extra_pool:
             n_pool += 1
-            feats[f"pool{n_pool}"] = MaxPool2x2()
+            feats[f"pool{n_pool}"] = nn.MaxPool2d(2)
         self.features = nn.Sequential(feats)
         side = input_size // 2 ** (n_pool + stem_stride - 1)
         if side < 1:
