@@ -466,7 +466,7 @@ class KronLinear(_KroneckerSum):
 
     def _candidates(self, device_type: str) -> list[str]:
         candidates = ["factored", "dense"]
-        if device_type == "cuda" and self._triton_ok():
+        if device_type == "cuda" and torch.cuda.is_available() and self._triton_ok():
             candidates.append("triton")
         return candidates
 
