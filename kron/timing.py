@@ -33,22 +33,24 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_on_host(fn: Callable[[], object]) -> Reading:
+def _time_on_host(fn: Callable[[], object], number: int) -> Reading:
     start = perf_counter()
-    fn()
-    elapsed = perf_counter() - start
+    for _ in range(number):
+        fn()
+    elapsed = (perf_counter() - start) / number
     return lambda: elapsed
 
 
-def _time_with_cuda_events(device: torch.device) -> Callable[[Callable[[], object]], Reading]:
-    def timed(fn: Callable[[], object]) -> Reading:
+def _time_with_cuda_events(device: torch.device) -> Callable[[Callable[[], object], int], Reading]:
+    def timed(fn: Callable[[], object], number: int) -> Reading:
         torch.cuda.synchronize(device)  # an empty queue: the call pays its own launches
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(number):
+            fn()
         end.record()
-        return lambda: start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+        return lambda: start.elapsed_time(end) / 1e3 / number  # elapsed_time is in ms
 
     return timed
 
@@ -69,14 +71,17 @@ def time_callables(
     device: torch.device | str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
+    number: int = 1,
 ) -> dict[str, list[float]]:
     """Seconds per call of each callable, every sample: ``warmup`` untimed calls of each, then
-    ``repeats`` rounds in which every callable runs once, in :func:`round_order`."""
+    ``repeats`` rounds in which every callable runs, in :func:`round_order`. A sample is the
+    mean of ``number`` back-to-back calls (more than 1 for calls so short that one launch or
+    one timer read would dominate)."""
     if not fns:
         raise ValueError("time_callables needs at least one callable")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
-                         f"warmup={warmup}")
+    if repeats < 1 or warmup < 0 or number < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and number >= 1, got repeats={repeats}, "
+                         f"warmup={warmup}, number={number}")
     device = torch.device(device)
     timed = _time_with_cuda_events(device) if device.type == "cuda" else _time_on_host
     for fn in fns.values():
@@ -85,7 +90,7 @@ def time_callables(
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        readings = [(name, timed(fns[name])) for name in round_order(names, r)]
+        readings = [(name, timed(fns[name], number)) for name in round_order(names, r)]
         synchronize(device)
         for name, read in readings:
             samples[name].append(read())
@@ -97,7 +102,8 @@ def median_times(
     device: torch.device | str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
+    number: int = 1,
 ) -> dict[str, float]:
     """Median seconds per call of each callable (see :func:`time_callables`)."""
-    samples = time_callables(fns, device, warmup=warmup, repeats=repeats)
+    samples = time_callables(fns, device, warmup=warmup, repeats=repeats, number=number)
     return {name: statistics.median(s) for name, s in samples.items()}

@@ -71,6 +71,15 @@ def test_samples_are_each_calls_cost_and_median_is_their_median(clock):
     assert timing.median_times(fns, warmup=1, repeats=3) == {"slow": 3.0, "fast": 0.5}
 
 
+def test_a_sample_is_the_mean_of_number_back_to_back_calls(clock):
+    fns = {"a": clock.work("a", [1.0, 3.0, 8.0]), "b": clock.work("b", [2.0])}
+    samples = timing.time_callables(fns, warmup=0, repeats=2, number=3)
+    assert samples == {"a": [4.0, 4.0], "b": [2.0, 2.0]}
+    assert clock.log == [*"aaabbb", *"bbbaaa"]
+    with pytest.raises(ValueError, match="number >= 1"):
+        timing.time_callables(fns, number=0)
+
+
 def test_cuda_calls_are_timed_by_events_on_a_drained_queue(clock, monkeypatch):
     """The CUDA path without a GPU: fake events read the fake clock when recorded; the host
     timer must not be used, and the queue is drained before every timed call."""
@@ -100,6 +109,9 @@ def test_cuda_calls_are_timed_by_events_on_a_drained_queue(clock, monkeypatch):
                        "b": pytest.approx([0.001] * 3)}
     # one drain before each of the 6 calls, one after each of the 3 rounds
     assert syncs == [0, 1, 2, 2, 3, 4, 4, 5, 6]
+    fns = {"a": clock.work("a", [0.002, 0.004])}
+    assert timing.time_callables(fns, device="cuda", warmup=0, repeats=1, number=2) == {
+        "a": pytest.approx([0.003])}
     assert timing.timer_name("cuda") == "cuda_events" and timing.timer_name("cpu") == "perf_counter"
 
 
