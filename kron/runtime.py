@@ -133,8 +133,9 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
     Inside: the CPU RNGs (torch, numpy, random) seeded with ``s.seed``; deterministic
     algorithms and cuDNN settings as ``s`` says (TF32 matmuls on CUDA); ``threads``
     intra-op threads; ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS. On exit every one of
-    these, the RNG states included, is what it was before, so two jobs of a multirun in one
-    process behave like two processes. Yields the list of notes (one line each) about what
+    these, the RNG states included, is what it was before (the cuBLAS variable stays once CUDA
+    is initialised: cuBLAS has read it), so two jobs of a multirun in one process behave like
+    two processes. Yields the list of notes (one line each) about what
     could not be done, e.g. cuBLAS already initialised. See docs/design.md, "Process set-up".
     """
     before, rngs = _flags(), _rng_states()
@@ -161,5 +162,7 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
     finally:
         _set_flags(before)
         _set_rng_states(rngs)
-        if env_before is None:
+        if env_before is None and not torch.cuda.is_initialized():
+            # once CUDA is up, cuBLAS handles made with the setting outlive the job anyway;
+            # keeping the variable then keeps the next job honest about it
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
