@@ -44,8 +44,9 @@ def open_log(cfg: DictConfig, job: Job, state: TrainState) -> Iterator[RunLog]:
     import wandb
 
     w = cfg.wandb
-    run = wandb.init(project=w.project, entity=w.entity, group=w.group, name=w.name,
-                     tags=list(w.tags or []), mode=w.mode, dir=str(job.out_dir),
+    run = wandb.init(project=w.get("project", "kron"), entity=w.get("entity"),
+                     group=w.get("group"), name=w.get("name"), tags=list(w.get("tags") or []),
+                     mode=w.mode, dir=str(job.out_dir),
                      config=OmegaConf.to_container(cfg, resolve=True), id=state.wandb_id,
                      resume="allow")
     state.wandb_id = run.id
