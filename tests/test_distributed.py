@@ -151,6 +151,21 @@ def test_submitit_task_joins_the_group_at_the_first_host(recorded_init, clean_en
                                  "submitit")
 
 
+def test_a_group_already_up_is_reused_only_if_it_matches(clean_env):
+    clean_env.setattr(dist, "is_initialized", lambda: True)
+    clean_env.setattr(dist, "get_rank", lambda: 1)
+    clean_env.setattr(dist, "get_world_size", lambda: 2)
+    clean_env.setattr(dist, "get_backend", lambda: "gloo")
+    clean_env.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("second init"))
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}.items():
+        clean_env.setenv(k, v)
+    assert kd.init_distributed("cpu") == kd.DistContext(1, 2, 0, "h", 1, "gloo",
+                                                        torch.device("cpu"), "torchrun")
+    clean_env.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match=r"\(rank 1 of 2\) is already up"):
+        kd.init_distributed("cpu")
+
+
 @pytest.mark.parametrize("device, match", [("tpu", "device='tpu'"),
                                            ("cuda", "no CUDA device")])
 def test_bad_device_is_a_one_line_error(clean_env, device, match):
