@@ -178,8 +178,10 @@ def test_triton_supports():
     assert triton_supports((1, 64, 64), (4, 64, 64), torch.bfloat16)
     assert triton_supports((64, 64), (64, 64), torch.float32)
     assert triton_supports((2, 3, 5), (2, 7, 1), torch.float16)  # padded to 16
-    assert triton_supports((1, 128, 100), (1, 128, 128), torch.float32)
-    assert not triton_supports((1, 129, 64), (1, 64, 64), torch.float32)  # tile > 128
+    assert triton_supports((1, 128, 100), (1, 128, 128), torch.bfloat16)
+    assert not triton_supports((1, 129, 64), (1, 64, 64), torch.float16)  # tile 256 > 128
+    assert triton_supports((1, 64, 33), (1, 64, 64), torch.float32)
+    assert not triton_supports((1, 65, 64), (1, 64, 64), torch.float32)  # fp32 tile 128 > 64
     assert not triton_supports((1, 64, 64), (1, 64, 64), torch.float64)
     assert not triton_supports((1, 64, 64), (1, 64, 64), torch.int32)
 
@@ -209,3 +211,51 @@ def test_runs_inside_torch_compile():
     y_ref, _, [(ga_ref, _)] = _dense_reference(x, [(a, b)], (y > 0).to(y.dtype))
     _assert_close(y, y_ref.relu(), torch.float32, "y")
     _assert_close(a.grad, ga_ref, torch.float32, "dA")
+
+
+def _compile_for(capability: int, dtype: str, tiles: tuple[int, int, int, int], precision):
+    """Compile the kernel ahead of time for an NVIDIA target (Triton's bundled ptxas; no GPU
+    needed): what the interpreter cannot check, i.e. that the real code generation accepts it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(triton_linear._kron_sum_kernel)  # compiled, whatever TRITON_INTERPRET says
+    constexprs = dict(zip(("BM1", "BN1", "BM2", "BN2"), tiles), PRECISION=precision)
+    signature = {
+        name: "constexpr" if name in constexprs else f"*{dtype}" if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names
+    }
+    largest = max(tiles[0] * tiles[1], tiles[1] * tiles[3], tiles[2] * tiles[3])
+    return triton.compile(ASTSource(fn, signature, constexprs),
+                          target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": 4 if largest <= 64 * 64 else 8})
+
+
+def _nvidia_backend_or_skip():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"Triton's NVIDIA backend is not installed: {err}")
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", None), ("fp16", None), ("fp32", "tf32"),
+                                             ("fp32", "ieee")])
+def test_compiles_for_hopper(dtype, precision):
+    _nvidia_backend_or_skip()
+    kernel = _compile_for(90, dtype, (16, 16, 16, 32), precision)
+    assert "_kron_sum_kernel" in kernel.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability,smem_kib", [(90, 227), (80, 163)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_largest_supported_tiles_fit_in_shared_memory(capability, smem_kib, dtype):
+    """MAX_TILE is what the compiler says fits: the largest tiles triton_supports accepts use
+    at most the shared memory of one block on an H100 (sm_90) and an A100 (sm_80)."""
+    _nvidia_backend_or_skip()
+    side = triton_linear.MAX_TILE[dtype]
+    assert triton_supports((side, side), (side, side), dtype)
+    name, precision = ("bf16", None) if dtype is torch.bfloat16 else ("fp32", "tf32")
+    kernel = _compile_for(capability, name, (side,) * 4, precision)
+    assert kernel.metadata.shared <= smem_kib * 1024

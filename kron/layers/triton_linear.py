@@ -33,12 +33,13 @@ INSTALL_HINT = (
     "implementation='triton' needs Triton and a CUDA device: pip install 'kron[triton]' "
     "or use implementation='factored'"
 )
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tl.dot needs every tile dimension >= 16; smaller factor dimensions are padded (masked) to 16.
 MIN_TILE = 16
-# The whole (padded) factor and sample tiles live in registers/shared memory of one program;
-# beyond 128 per dimension they spill. Measured design point: 64 x 64 tiles (docs/design.md).
-MAX_TILE = 128
+# The whole (padded) factor and sample tiles of a sample live in one program. Compiled for sm_90
+# (Triton 3.8, no GPU needed to compile): 16-bit 64^4 tiles use 24 KiB of shared memory, 128^4
+# 96 KiB (with register spills); fp32 with TF32 64^4 tiles 128 KiB, 64x128 288 KiB, over an
+# H100's 227 KiB per block. So 128 per dimension for fp16/bf16, 64 for fp32 (docs/design.md).
+MAX_TILE = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
 
 
 def _interpret_mode() -> bool:
@@ -72,15 +73,15 @@ def triton_supports(
     dtype: torch.dtype,
 ) -> bool:
     """Whether the kernel handles factors of these shapes (``(R, m1, n1)``/``(R, m2, n2)``, or
-    the per-term ``(m1, n1)``/``(m2, n2)``) in ``dtype``: every padded tile dimension at most
-    ``MAX_TILE``, dtype fp32/fp16/bf16. Callers fall back to the torch path when False."""
-    if dtype not in SUPPORTED_DTYPES:
+    the per-term ``(m1, n1)``/``(m2, n2)``) in ``dtype``: fp32/fp16/bf16, every padded tile
+    dimension at most ``MAX_TILE[dtype]``. Callers fall back to the torch path when False."""
+    if dtype not in MAX_TILE:
         return False
     a_shape, b_shape = tuple(a_shape)[-2:], tuple(b_shape)[-2:]
     if len(a_shape) != 2 or len(b_shape) != 2:
         return False
     dims = (*a_shape, *b_shape)
-    return all(d >= 1 and _tile(d) <= MAX_TILE for d in dims)
+    return all(d >= 1 and _tile(d) <= MAX_TILE[dtype] for d in dims)
 
 
 if tl is not None:
@@ -244,6 +245,6 @@ def kron_linear_triton(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     if not triton_supports(a.shape, b.shape, x2.dtype):
         raise ValueError(
             f"kron_linear_triton does not support factors {tuple(a.shape)}, {tuple(b.shape)} in "
-            f"{x2.dtype} (tiles <= {MAX_TILE}, fp32/fp16/bf16); check triton_supports() first"
+            f"{x2.dtype} (fp32 tiles <= 64, fp16/bf16 <= 128); check triton_supports() first"
         )
     return _KronSumTriton.apply(x2, a, b)
