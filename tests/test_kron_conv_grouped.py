@@ -11,6 +11,15 @@ from kron.layers.kron_conv_grouped import mixing_weight, pointwise_kron_conv
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _full_fp32_precision():
+    """cuDNN may run fp32 convolutions in TF32 by default; these tests compare in full fp32."""
+    allow = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allow
+
 # (R, F1, C1, F2, C2, kh, kw, stride, padding, dilation, H, W)
 CASES = [
     (1, 2, 3, 4, 2, 3, 3, 1, 1, 1, 7, 7),

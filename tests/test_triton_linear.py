@@ -39,14 +39,16 @@ CASES = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _interpreter_without_cuda():
-    """Triton's CPU interpreter for this module's tests when there is no GPU."""
-    if CUDA:
-        yield
-        return
+def _kernel_mode():
+    """Triton's CPU interpreter for this module's tests when there is no GPU; full fp32 matmul
+    precision (no TF32, for the kernel and the reference alike) whatever other tests set."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
+        if not CUDA:
+            patch.setenv("TRITON_INTERPRET", "1")
         yield
+    torch.set_float32_matmul_precision(precision)
 
 
 @functools.cache
@@ -169,6 +171,8 @@ def test_bad_inputs_raise_one_line_errors():
         kron_linear_triton(x, a[0], b)
     with pytest.raises(ValueError, match="dtypes differ"):
         kron_linear_triton(x.double(), a, b)
+    with pytest.raises(ValueError, match="different devices"):
+        kron_linear_triton(x, a.to("meta"), b)
     big_a = torch.zeros(1, 256, 1, device=DEVICE)
     with pytest.raises(ValueError, match="triton_supports"):
         kron_linear_triton(x, big_a, torch.zeros(1, 1, 256, device=DEVICE))

@@ -233,6 +233,11 @@ def kron_linear_triton(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
         raise ValueError(
             f"kron_linear_triton: input width {x2.shape[1]} != n1*n2 = {a.shape[2]}*{b.shape[2]}"
         )
+    if not (x2.device == a.device == b.device):
+        raise ValueError(
+            f"kron_linear_triton: tensors on different devices (x {x2.device}, a {a.device}, "
+            f"b {b.device}); move them to one device"
+        )
     require_triton(x2.device)
     if torch.is_autocast_enabled(x2.device.type):
         dtype = torch.get_autocast_dtype(x2.device.type)
