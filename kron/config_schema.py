@@ -32,9 +32,9 @@ class MeasureConfig:
     """Latency of the trained net against its dense twin, measured after training."""
 
     enabled: bool = True
-    batch_size: int = 64
-    warmup: int = 5
-    repeats: int = 20
+    batch_size: int = field(default=64, metadata={"min": 1})
+    warmup: int = field(default=5, metadata={"min": 0})
+    repeats: int = field(default=20, metadata={"min": 1})
     threads: int | None = None
 
 
@@ -63,7 +63,7 @@ class SchedulerConfig:
 class LoaderConfig:
     """DataLoader options; every one reaches the loader (kron/data/build.py: build_loader)."""
 
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"min": 0})
     pin_memory: bool | Literal["auto"] = "auto"
     persistent_workers: bool = True
 
@@ -110,8 +110,8 @@ class TrainConfig:
     scheduler: SchedulerConfig
     measure: MeasureConfig
     wandb: WandbConfig
-    epochs: int = 4
-    batch_size: int = 64
+    epochs: int = field(default=4, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
     seed: int = 0
     resume: bool | str = False
     init_from: str | None = None
@@ -124,10 +124,10 @@ class TrainConfig:
     plan_layers: bool = False
     compile: bool = False
     sync_bn: bool = True
-    grad_clip: float = 0.0
-    eval_every: int = 1
-    eval_batch_size: int | None = None
-    log_every: int = 10
+    grad_clip: float = field(default=0.0, metadata={"min": 0})
+    eval_every: int = field(default=1, metadata={"min": 1})
+    eval_batch_size: int | None = field(default=None, metadata={"min": 1})
+    log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
     threads: int | None = None
     stop_after_epochs: int | None = None
@@ -204,6 +204,9 @@ def check_against(values: Mapping[str, Any], schema: type, prefix: str = "") -> 
         if key not in fields:
             raise ConfigError(f"{full}: unknown key; known keys here: {', '.join(fields)}")
         _check_value(full, value, hints[key])
+        low = fields[key].metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise ConfigError(f"{full}: expected a value >= {low}, got {value!r}")
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in values:

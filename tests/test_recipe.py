@@ -67,6 +67,8 @@ def test_default_config_passes_the_schema():
      "scheduler.name: expected one of 'cosine', 'step', 'constant', got 'linear'"),
     ("+optimizer.betas=[0.9,0.99]", "optimizer.betas: not an argument of SGD.__init__"),
     ("+model.depth=3", "model.depth: not an argument of svhn_net"),
+    ("eval_every=0", "eval_every: expected a value >= 1, got 0"),
+    ("data.loader.num_workers=-1", "data.loader.num_workers: expected a value >= 0, got -1"),
 ])
 def test_schema_names_the_key_and_the_expected_type(override, message):
     with pytest.raises(ConfigError) as err:
