@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -92,8 +92,6 @@ def evaluate(model: nn.Module, loader: Any, job: Job, num_classes: int) -> dict[
 def checkpoint(cfg: DictConfig, job: Job, net: Net, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, state: TrainState) -> None:
     """Every rank's RNG streams gathered, then rank 0 writes ``last.pt`` atomically."""
-    from omegaconf import OmegaConf
-
     states = distributed.all_gather_objects(rng_state(job.device))
     if job.is_main:
         save_checkpoint(job.out_dir / CKPT_NAME, model=net.raw.state_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from kron import distributed
 from kron.recipe.checkpoint import TrainState, find_resume, load_checkpoint, restore_rng
 from kron.recipe.model import Net
 from kron.recipe.setup import Job
@@ -17,9 +18,7 @@ def resume_state(cfg: DictConfig, job: Job, net: Net, optimizer: torch.optim.Opt
     another number of processes restores everything but the RNG streams of missing ranks, and
     says so in one line."""
     path = find_resume(cfg.resume, job.out_dir, overrides) if job.is_main else None
-    from kron import distributed
-
-    path = distributed.broadcast_object(path)
+    path = distributed.broadcast_object(path)  # rank 0 decides: every rank resumes the same
     if path is None:
         return TrainState()
     ckpt = load_checkpoint(path)
