@@ -47,8 +47,6 @@ def test_synth_svhn_generated_on_first_use(tmp_path):
     assert (len(train), len(test)) == (64, 32) and train.classes == list("0123456789")
     x, y = train[0]
     assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and isinstance(y, int)
-    batch = torch.stack([test[i][0] for i in range(32)])
-    assert abs(batch.mean().item()) < 0.5 and 0.6 < batch.std().item() < 1.5  # normalised
     test_raw = test.data[0].float() / 255
     mean = torch.tensor(cfg.transforms.mean)[:, None, None]
     std = torch.tensor(cfg.transforms.std)[:, None, None]
