@@ -397,3 +397,61 @@ def test_triton_without_a_usable_device_is_a_one_line_error(monkeypatch):
     assert "implementation='factored'" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ValueError, match="not one of"):
         KronConv2d(8, 6, 3, [(2, 4, 1, 1)], implementation="triton")
+
+
+# ------------------------------------------------------------ CPU inference allocations
+
+
+class StoragesSeen(TorchDispatchMode):
+    """Records (data pointer, bytes) of the storage of every op output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                self.storages[s.data_ptr()] = s.nbytes()
+        return out
+
+
+def test_linear_cpu_inference_allocates_only_its_output(monkeypatch):
+    """After the first call, the chunked CPU path writes its intermediates into the layer's
+    reused workspace: the output is the only new storage of a call."""
+    from kron.layers import kronecker
+
+    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", 300)  # several chunks
+    layer = KronLinear(64, 32, [(4, 8), (8, 2), (4, 8)], implementation="factored")
+    x = torch.randn(37, 64)
+    with torch.no_grad():
+        layer(x)
+        mode = StoragesSeen()
+        with mode:
+            y = layer(x)
+    known = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr(),
+             *(p.untyped_storage().data_ptr() for p in layer.parameters()),
+             *(w.untyped_storage().data_ptr() for w in layer._workspaces.values())}
+    new = {ptr: size for ptr, size in mode.storages.items() if ptr not in known}
+    # what remains are the factors' permuted copies (a few hundred bytes), nothing row-sized
+    assert all(size <= 64 * 4 * 4 for size in new.values()), new
+    torch.testing.assert_close(y.double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_cpu_inference_has_no_batch_sized_temporary(monkeypatch):
+    from kron.layers import kronecker
+
+    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", 1)  # one sample per chunk
+    layer = make_conv("factored")
+    x = torch.randn(16, 8, 9, 7)
+    with torch.no_grad():
+        mode = StoragesSeen()
+        with mode:
+            y = layer(x)
+    outside = {y.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
+    temporaries = [size for ptr, size in mode.storages.items() if ptr not in outside]
+    # per-sample intermediates (this layer's are at most 4x a sample's output), never a batch's
+    assert max(temporaries) <= 4 * y[0].numel() * 4 < y.numel() * 4 // 2
+    torch.testing.assert_close(y.double(), reference(layer, x), rtol=1e-5, atol=1e-5)
