@@ -428,12 +428,12 @@ def test_linear_cpu_inference_allocates_only_its_output(monkeypatch):
     x = torch.randn(37, 64)
     with torch.no_grad():
         layer(x)
+        workspaces = {w.untyped_storage().data_ptr() for w in layer._workspaces.values()}
         mode = StoragesSeen()
         with mode:
             y = layer(x)
     known = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr(),
-             *(p.untyped_storage().data_ptr() for p in layer.parameters()),
-             *(w.untyped_storage().data_ptr() for w in layer._workspaces.values())}
+             *(p.untyped_storage().data_ptr() for p in layer.parameters()), *workspaces}
     new = {ptr: size for ptr, size in mode.storages.items() if ptr not in known}
     # what remains are the factors' permuted copies (a few hundred bytes), nothing row-sized
     assert all(size <= 64 * 4 * 4 for size in new.values()), new
