@@ -119,12 +119,19 @@ def test_kron_tables_run_render_and_skip(tmp_path):
     p = cli("run", "mini", "--render")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     runs = out / "tables" / "mini" / "runs" / "svhn_table"
-    assert (runs / "dense" / "results.json").is_file() and (runs / "kron_c16" / "results.json")
+    assert (runs / "dense/seed0/results.json").is_file()
+    assert (runs / "kron_c16/seed0/results.json").is_file()
     csv = (out / "tables" / "mini" / "table.csv").read_text().splitlines()
     assert [line.split(",")[3] for line in csv[1:]] == ["ok", "ok"]
     p = cli("run", "mini")
     assert "nothing to run" in p.stdout and p.returncode == 0
+    p = cli("run", "mini", "--rows", "kron", "--seeds", "2")  # seed 0 reused, seed 1 runs
+    assert p.returncode == 0 and "skip kron seed 0" in p.stdout
+    assert "running 1 row(s) x seeds 1: kron" in p.stdout
+    assert json.loads((runs / "kron_c16/seed1/results.json").read_text())["config"]["seed"] == 1
+    p = cli("render", "mini")  # as many seeds as ran: dense has 1 of 2
+    assert "| dense | dense | 1/2 |" in p.stdout and "| kron | kron | 2 |" in p.stdout
     p = cli("run", "mini", "--rows", "kron", "--redo")
     assert p.returncode == 0 and "old folder moved" in p.stdout
-    assert len(list(runs.glob("kron_c16.old-*"))) == 1
-    assert (runs / "kron_c16" / "results.json").is_file()
+    assert len(list((runs / "kron_c16").glob("seed0.old-*"))) == 1
+    assert (runs / "kron_c16/seed0/results.json").is_file()

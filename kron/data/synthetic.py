@@ -5,7 +5,7 @@ uses `ensure_synth_svhn` to create its default dataset on first use. Every file 
 a temporary name in its folder and renamed into place.
 
 Command line:
-`python -m kron.data.synthetic svhn --out DIR --n-train N --n-test N --seed S`
+`python -m kron.data.synthetic svhn --out DIR --n-train N --n-test N --seed S [--difficulty hard]`
 `python -m kron.data.synthetic gnt --out FILE.gnt --n N --seed S`
 """
 
@@ -28,7 +28,8 @@ from kron.fileio import atomic_path
 from .gnt import char_to_code, encode_record, level1_codes
 from .scenetext import CHARS74K_SUBDIR
 from .svhn import svhn_file
-from .synth_svhn import render_split
+from .synth_svhn import LEVELS, render_split
+from .synth_svhn import difficulty as synth_difficulty
 
 SYNTH_META = "synth_svhn.json"
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP"}
@@ -52,28 +53,39 @@ def write_svhn(root: str | Path, split: str, images: np.ndarray, labels: Sequenc
     return write_svhn_mat(svhn_file(root, split), images, labels)
 
 
-def write_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
-                     seed: int = 0) -> Path:
-    """Render synthetic SVHN train and test splits into `root` as real SVHN `.mat` files."""
-    root = Path(root)
-    for index, (split, n) in enumerate((("train", n_train), ("test", n_test))):
-        images, labels = render_split(n, seed, index)
-        write_svhn(root, split, images.transpose(0, 3, 1, 2), labels)
+def _synth_meta(n_train: int, n_test: int, seed: int, difficulty: str) -> dict:
+    """What ``synth_svhn.json`` records (the easy level as before levels existed, so existing
+    folders stay valid)."""
     meta = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 1}
+    return meta if difficulty == "easy" else {**meta, "difficulty": difficulty}
+
+
+def write_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
+                     seed: int = 0, difficulty: str = "easy") -> Path:
+    """Render synthetic SVHN train and test splits into `root` as real SVHN `.mat` files.
+
+    ``difficulty`` names a level of :data:`kron.data.synth_svhn.LEVELS` (easy, hard).
+    """
+    root = Path(root)
+    level = synth_difficulty(difficulty)  # unknown names fail before anything is written
+    for index, (split, n) in enumerate((("train", n_train), ("test", n_test))):
+        images, labels = render_split(n, seed, index, level)
+        write_svhn(root, split, images.transpose(0, 3, 1, 2), labels)
+    meta = _synth_meta(n_train, n_test, seed, difficulty)
     with atomic_path(root / SYNTH_META) as tmp:
         tmp.write_text(json.dumps(meta))
     return root
 
 
 def ensure_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, difficulty: str = "easy") -> Path:
     """Make sure `root` holds synthetic SVHN for these settings, rendering it if not.
 
     A small `synth_svhn.json` records the settings, so changing them regenerates the files.
     """
     root = Path(root)
     meta_path = root / SYNTH_META
-    want = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 1}
+    want = _synth_meta(n_train, n_test, seed, difficulty)
     files = [svhn_file(root, s) for s in ("train", "test")]
     if meta_path.is_file() and all(f.is_file() for f in files):
         try:
@@ -81,7 +93,7 @@ def ensure_synth_svhn(root: str | Path, n_train: int = 6000, n_test: int = 2000,
                 return root
         except json.JSONDecodeError:
             pass
-    return write_synth_svhn(root, n_train, n_test, seed)
+    return write_synth_svhn(root, n_train, n_test, seed, difficulty)
 
 
 def write_gnt(path: str | Path, records: Iterable[tuple[str | int, np.ndarray]]) -> Path:
@@ -189,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--n-train", type=int, default=6000)
     s.add_argument("--n-test", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--difficulty", default="easy", choices=sorted(LEVELS))
     g = sub.add_parser("gnt", help="write a .gnt of random level-1 characters and bitmaps")
     g.add_argument("--out", required=True)
     g.add_argument("--n", type=int, default=100)
@@ -196,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.command == "svhn":
-        write_synth_svhn(args.out, args.n_train, args.n_test, args.seed)
-        what = f"{args.n_train} train + {args.n_test} test images into {args.out}"
+        write_synth_svhn(args.out, args.n_train, args.n_test, args.seed, args.difficulty)
+        what = (f"{args.n_train} train + {args.n_test} test {args.difficulty} images into "
+                f"{args.out}")
     else:
         write_gnt(args.out, random_gnt_records(args.n, args.seed))
         what = f"{args.n} records into {args.out}"

@@ -1,13 +1,18 @@
 """``kron-tables``: list, run, render and sweep paper tables; ``demo`` is ``make demo``.
 
     kron-tables list
-    kron-tables run svhn [--rows dense,kron_c16] [--redo] [--launcher joblib|slurm] [overrides]
-    kron-tables render svhn [--wandb ENTITY/PROJECT]
-    kron-tables sweep NAME --layer classifier.fc1 --param-ratio 0.05 [--dry-run] [overrides]
+    kron-tables run svhn [--seeds 3] [--rows dense,kron_c16] [--redo] [--launcher joblib]
+                         [overrides]
+    kron-tables render svhn [--seeds 3] [--wandb ENTITY/PROJECT | --wandb DIR]
+    kron-tables sweep NAME --layer classifier.fc1 --param-ratio 0.05 [--seeds N] [overrides]
+    kron-tables frontier svhn_demo --families kron,lowrank,separable,cp,tucker
+                         --param-ratios 0.05,0.1,0.2 [--seeds 3] [overrides]
     kron-tables demo
 
-Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/, table.md,
-table.csv, table.tex, error_vs_params.png/.pdf, error_vs_speedup.png/.pdf.
+Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/<experiment>/seed<k>/,
+table.md, table.csv (one line per row), runs.csv (one per run), table.tex,
+error_vs_params.png/.pdf, error_vs_speedup.png/.pdf; a frontier adds frontier.md and
+frontier_params.png/.pdf, frontier_speedup.png/.pdf.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from pathlib import Path
 
 from kron.fileio import atomic_write_text
 from kron.tables import render as R
-from kron.tables.plots import plot_table
-from kron.tables.results import RunResult, collect, collect_wandb, run_dir, table_dir
+from kron.tables.plots import plot_frontier, plot_table
+from kron.tables.results import RunResult, collect, collect_wandb, row_dir, table_dir
 from kron.tables.run import run_table
 from kron.tables.spec import Table, list_tables, load_table
 
@@ -36,22 +41,47 @@ def find_table(name: str, out: str | Path | None = None) -> Table:
     return load_table(name)
 
 
-def render_table(table: Table, results: Sequence[RunResult],
-                 out: str | Path | None = None) -> tuple[str, list[Path]]:
-    """Write table.md/.csv/.tex and the plots; returns the Markdown and the written paths."""
+def render_table(table: Table, results: Sequence[RunResult], out: str | Path | None = None,
+                 seeds: int | None = None) -> tuple[str, list[Path]]:
+    """Write table.md/.csv/.tex, runs.csv and the plots (and a frontier's own); returns the
+    Markdown and the written paths."""
     folder = table_dir(table.name, out)
-    md = R.to_markdown(table, results)
+    md = R.to_markdown(table, results, seeds)
+    rows = R.metrics(results, table.reference, seeds)
+    if any(r.budget is not None for r in table.rows):  # a frontier
+        from kron.tables.frontier import frontier_markdown
+
+        md += "\n" + frontier_markdown(table, rows)
     paths = [atomic_write_text(folder / "table.md", md),
-             atomic_write_text(folder / "table.csv", R.to_csv(table, results, base=folder)),
-             atomic_write_text(folder / "table.tex", R.to_latex(table, results))]
-    paths += plot_table(R.metrics(results, table.reference), folder, table.title)
+             atomic_write_text(folder / "table.csv",
+                               R.to_csv(table, results, base=folder, asked=seeds)),
+             atomic_write_text(folder / "runs.csv", R.runs_csv(results, base=folder)),
+             atomic_write_text(folder / "table.tex", R.to_latex(table, results, seeds))]
+    paths += plot_table(rows, folder, table.title)
+    if any(r.budget is not None for r in table.rows):
+        paths += plot_frontier(rows, folder, table.title)
     return md, paths
+
+
+def read_results(table: Table, args: argparse.Namespace) -> list[RunResult]:
+    """The table's runs from local results.json, a W&B project, or W&B offline runs (a
+    folder given to --wandb)."""
+    seeds = getattr(args, "seeds", None)
+    source = getattr(args, "wandb", None)
+    if not source:
+        return collect(table, args.out, seeds)
+    if Path(source).is_dir():
+        from kron.tables.wandb_offline import OfflineRuns
+
+        return collect_wandb(table, str(source), OfflineRuns(source), seeds)
+    return collect_wandb(table, source, seeds=seeds)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     table = find_table(args.table, args.out)
-    results = (collect_wandb(table, args.wandb) if args.wandb else collect(table, args.out))
-    md, paths = render_table(table, results, args.out)
+    results = read_results(table, args)
+    n = len(results) // max(1, len(table.rows))
+    md, paths = render_table(table, results, args.out, n)
     if not args.quiet:
         print(md)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -62,10 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = find_table(args.table, args.out)
     rows = args.rows.split(",") if args.rows else None
     code = run_table(table, rows=rows, out=args.out, redo=args.redo, launcher=args.launcher,
-                     extra=args.overrides, dry_run=args.dry_run)
+                     extra=args.overrides, dry_run=args.dry_run, seeds=args.seeds)
     if args.render and not args.dry_run:
         cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None,
-                                      quiet=False))
+                                      quiet=False, seeds=args.seeds))
     return code
 
 
@@ -90,9 +120,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     table = write_sweep(args.name, cfg, points, args.overrides, args.out, budget)
     print(f"wrote {table_dir(table.name, args.out) / 'table.yaml'} and its experiment configs")
     code = run_table(table, out=args.out, redo=args.redo, launcher=args.launcher,
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, seeds=args.seeds)
     if not args.dry_run:
-        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None, quiet=False))
+        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None, quiet=False,
+                                      seeds=args.seeds))
+    return code
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from kron.tables.frontier import parse_list, write_frontier
+
+    if (args.param_ratios is None) == (args.mac_ratios is None):
+        raise ValueError("give exactly one of --param-ratios or --mac-ratios")
+    key = "param_ratio" if args.param_ratios is not None else "mac_ratio"
+    budgets = parse_list(args.param_ratios or args.mac_ratios, f"--{key.replace('_', '-')}s",
+                         float)
+    families = parse_list(args.families, "--families")
+    layers = parse_list(args.layers, "--layers") if args.layers else None
+    table, skipped = write_frontier(args.target, families, budgets, key, args.overrides,
+                                    layers, args.out, args.seeds or 1)
+    for s in skipped:
+        print(f"left out {s}")
+    runs = len(table.rows) * (args.seeds or 1)
+    print(f"frontier {table.name}: {len(table.rows)} rows x {args.seeds or 1} seed(s) = "
+          f"{runs} runs; {table_dir(table.name, args.out) / 'table.yaml'}")
+    if runs > args.max_runs:
+        print(f"{runs} runs exceed --max-runs {args.max_runs}; fewer budgets/families/seeds or "
+              "raise --max-runs", file=sys.stderr)
+        return 2
+    code = run_table(table, out=args.out, redo=args.redo, launcher=args.launcher,
+                     dry_run=args.dry_run, seeds=args.seeds)
+    if not args.dry_run:
+        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None, quiet=False,
+                                      seeds=args.seeds))
     return code
 
 
@@ -117,16 +177,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                           *table.overrides])
     print(f"[demo] synthetic SVHN in {cfg.data.root} (rendered on first use)", flush=True)
     ensure_synth_svhn(cfg.data.root, **cfg.data.synth)
-    code = run_table(table, out=args.out, redo=args.redo)
-    results = collect(table, args.out)
-    md, paths = render_table(table, results, args.out)
+    seeds = args.seeds or table.seeds
+    code = run_table(table, out=args.out, redo=args.redo, seeds=seeds)
+    results = collect(table, args.out, seeds)
+    md, paths = render_table(table, results, args.out, seeds)
     folder = table_dir(table.name, args.out)
     print("\n" + md)
     print(f"[demo] table: {folder / 'table.md'} (.csv, .tex)")
     print(f"[demo] plots: {folder / 'error_vs_params.png'}, {folder / 'error_vs_speedup.png'} "
           "(and .pdf)")
     offline = [p for r in table.rows
-               for p in sorted(run_dir(table.name, r, args.out).glob("wandb/offline-run-*"))]
+               for p in sorted(row_dir(table.name, r, args.out).glob("seed*/wandb/offline-run-*"))]
     if offline:
         print(f"[demo] W&B offline runs ({len(offline)}); upload them with:")
         for p in offline:
@@ -153,13 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a configs/launcher/ name: local (default), joblib, slurm, slurm_cpu")
     r.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     r.add_argument("--render", action="store_true", help="render the table afterwards")
+    r.add_argument("--seeds", type=int, help="seeds 0..N-1 per row (default: the table's)")
     r.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("render", parents=[common], help="write table.md/.csv/.tex and the plots")
     d.add_argument("table")
-    d.add_argument("--wandb", metavar="ENTITY/PROJECT",
-                   help="read results from W&B summaries instead of local results.json")
+    d.add_argument("--wandb", metavar="ENTITY/PROJECT|DIR",
+                   help="read results from W&B summaries instead of local results.json (a "
+                        "folder: the W&B offline runs under it, no server needed)")
+    d.add_argument("--seeds", type=int,
+                   help="seeds asked per row (default: the table's, or as many as ran)")
     d.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     d.set_defaults(fn=cmd_render)
 
@@ -172,15 +237,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mac-ratio", type=float)
     s.add_argument("--rank", type=int, default=1)
     s.add_argument("--max-points", type=int, default=40)
+    s.add_argument("--seeds", type=int, help="seeds 0..N-1 per point (default 1)")
     s.add_argument("--redo", action="store_true")
     s.add_argument("--launcher", default="local", help="as for run")
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     s.set_defaults(fn=cmd_sweep)
 
+    f = sub.add_parser("frontier", parents=[common],
+                       help="each family at matched budgets: error vs params and vs speedup")
+    f.add_argument("target", metavar="TABLE_OR_MODEL",
+                   help="a declared table (its dense row and overrides) or a model config")
+    f.add_argument("--families", default="kron,lowrank,separable,cp,tucker")
+    f.add_argument("--param-ratios", help="per-layer parameter ratios, e.g. 0.05,0.1,0.2")
+    f.add_argument("--mac-ratios", help="per-layer MAC ratios (instead of --param-ratios)")
+    f.add_argument("--layers", help="layer names/globs to swap (default: all but the input "
+                                    "and output layers)")
+    f.add_argument("--seeds", type=int, help="seeds 0..N-1 per point (default 1)")
+    f.add_argument("--max-runs", type=int, default=60)
+    f.add_argument("--redo", action="store_true")
+    f.add_argument("--launcher", default="local", help="as for run")
+    f.add_argument("--dry-run", action="store_true")
+    f.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
+    f.set_defaults(fn=cmd_frontier)
+
     m = sub.add_parser("demo", parents=[common],
                        help="make demo: the small SVHN table on synthetic data")
     m.add_argument("--redo", action="store_true")
+    m.add_argument("--seeds", type=int, help="seeds per row (default: the demo table's)")
     m.set_defaults(fn=cmd_demo)
     return p
 

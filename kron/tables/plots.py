@@ -1,8 +1,11 @@
-"""Accuracy/cost trade-off plots with the Pareto front marked (matplotlib, headless).
+"""Accuracy/cost trade-off plots with error bars and the Pareto front (matplotlib, headless).
 
 Error is plotted against parameters (fewer is better) and against measured speedup (more is
-better); dense, Kronecker and low-rank rows have distinct markers, and the rows no other row
-beats on both axes are joined by the front line.
+better). Each row is one point at its seeds' mean, with error bars of one sample standard
+deviation (error, and speedup, which varies between runs) when two or more seeds finished;
+families have distinct markers, and the rows no other row beats on both axes (by their means)
+are joined by the front line. The frontier plots (:func:`frontier_figure`) draw one line per
+family through its budgets instead.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ STYLE = {  # family -> marker, colour, legend label
     "dense": ("*", "black", "dense"),
     "kron": ("o", "tab:blue", "Kronecker"),
     "lowrank": ("s", "tab:orange", "low-rank"),
+    "separable": ("^", "tab:red", "separable (k x 1, 1 x k)"),
+    "cp": ("D", "tab:purple", "CP"),
+    "tucker": ("v", "tab:brown", "Tucker-2"),
 }
+PLOTS = (("params", "error_vs_params", "parameters (log scale)", False, True),
+         ("speedup", "error_vs_speedup", "measured inference speedup over the dense twin (x)",
+          True, False))
 
 
 def pareto_front(points: Sequence[tuple[float, float]], maximize_x: bool = False) -> list[int]:
@@ -32,34 +41,35 @@ def pareto_front(points: Sequence[tuple[float, float]], maximize_x: bool = False
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_tradeoff(rows: Sequence[dict[str, Any]], x_key: str, path: str | Path, *,
-                  title: str, xlabel: str, maximize_x: bool, log_x: bool) -> list[Path]:
-    """Plot error against ``x_key`` for the rows that have both; writes ``path`` (.png) and the
-    same name with .pdf. Returns the written paths."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
-    left_out = [m["id"] for m in rows if m not in have]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for fam, (marker, colour, label) in STYLE.items():
-        pts = [m for m in have if m["family"] == fam]
-        if pts:
-            ax.scatter([m[x_key] for m in pts], [m["test_err1"] for m in pts], marker=marker,
-                       c=colour, s=90 if fam == "dense" else 45, label=label, zorder=3)
-    for m in have:
-        ax.annotate(m["id"], (m[x_key], m["test_err1"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7, color="0.25")
-    front = pareto_front([(m[x_key], m["test_err1"]) for m in have], maximize_x)
-    if front:
-        xs = [have[i][x_key] for i in front]
-        ys = [have[i]["test_err1"] for i in front]
-        ax.plot(xs, ys, "--", color="tab:green", lw=1.2, zorder=2, label="Pareto front",
-                drawstyle="steps-post" if not maximize_x else "steps-pre")
-        ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="tab:green", lw=1.2, zorder=4)
-    if maximize_x and have:  # speedup plot: where the dense twin's speed is
+    return plt
+
+
+def _mean(s: Any) -> float | None:
+    return None if s is None else s.mean
+
+
+def _std(s: Any) -> float:
+    return 0.0 if s is None or s.std is None else s.std
+
+
+def _errorbar(ax, pts: Sequence[dict[str, Any]], x_key: str, **kw) -> None:
+    """One errorbar container for ``pts``: y = error, bars = one std (x too, for speedup)."""
+    xs = [_mean(m[x_key]) for m in pts]
+    ys = [_mean(m["test_err1"]) for m in pts]
+    yerr = [_std(m["test_err1"]) for m in pts]
+    xerr = [_std(m[x_key]) for m in pts] if x_key == "speedup" else None
+    ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, capsize=3, elinewidth=1, **kw)
+
+
+def _finish(fig, ax, *, have: bool, left_out: list[str], title: str, xlabel: str,
+            log_x: bool, vline: bool) -> None:
+    if vline and have:  # speedup plot: where the dense twin's speed is
         ax.axvline(1.0, color="0.6", lw=0.8, ls=":", zorder=1)
     if log_x and have:
         ax.set_xscale("log")
@@ -75,21 +85,85 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], x_key: str, path: str | Path, 
     if not have:
         ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout(rect=(0, 0.04, 1, 1) if left_out else (0, 0, 1, 1))
+
+
+def tradeoff_figure(rows: Sequence[dict[str, Any]], x_key: str, *, title: str, xlabel: str,
+                    maximize_x: bool, log_x: bool):
+    """The figure of error against ``x_key``: one errorbar container per family present, the
+    Pareto front as a line; rows without both numbers are listed under the axes."""
+    plt = _pyplot()
+    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
+    left_out = [m["id"] for m in rows if m not in have]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for fam, (marker, colour, label) in STYLE.items():
+        pts = [m for m in have if m["family"] == fam]
+        if pts:
+            _errorbar(ax, pts, x_key, fmt=marker, color=colour, ms=10 if fam == "dense" else 6,
+                      label=label, zorder=3)
+    for m in have:
+        ax.annotate(m["id"], (_mean(m[x_key]), _mean(m["test_err1"])),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.25")
+    front = pareto_front([(_mean(m[x_key]), _mean(m["test_err1"])) for m in have], maximize_x)
+    if front:
+        xs = [_mean(have[i][x_key]) for i in front]
+        ys = [_mean(have[i]["test_err1"]) for i in front]
+        ax.plot(xs, ys, "--", color="tab:green", lw=1.2, zorder=2, label="Pareto front",
+                drawstyle="steps-post" if not maximize_x else "steps-pre")
+        ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="tab:green", lw=1.2, zorder=4)
+    _finish(fig, ax, have=bool(have), left_out=left_out, title=title, xlabel=xlabel,
+            log_x=log_x, vline=maximize_x)
+    return fig
+
+
+def frontier_figure(rows: Sequence[dict[str, Any]], x_key: str, *, title: str, xlabel: str,
+                    log_x: bool, vline: bool):
+    """Error against ``x_key`` with one line (an errorbar container) per family through its
+    budgets, sorted by x; dense rows are a horizontal reference line."""
+    plt = _pyplot()
+    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
+    left_out = [m["id"] for m in rows if m not in have]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for fam, (marker, colour, label) in STYLE.items():
+        pts = sorted((m for m in have if m["family"] == fam), key=lambda m: _mean(m[x_key]))
+        if not pts:
+            continue
+        if fam == "dense":
+            e = pts[0]["test_err1"]
+            ax.axhline(e.mean, color=colour, lw=1, ls="--", label=f"dense ({e.mean:.2f} %)")
+            if e.std:
+                ax.axhspan(e.low, e.high, color=colour, alpha=0.08, lw=0)
+            continue
+        _errorbar(ax, pts, x_key, fmt=marker + "-", color=colour, ms=5, label=label, zorder=3)
+    _finish(fig, ax, have=bool(have), left_out=left_out, title=title, xlabel=xlabel,
+            log_x=log_x, vline=vline)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> list[Path]:
+    """Write ``fig`` as ``path`` (.png) and the same name with .pdf; close it."""
     path = Path(path)
-    written = []
-    for target, fmt in ((path.with_suffix(".png"), "png"), (path.with_suffix(".pdf"), "pdf")):
-        written.append(atomic_write(target, lambda t, f=fmt: fig.savefig(t, format=f)))
-    plt.close(fig)
+    written = [atomic_write(target, lambda t, f=fmt: fig.savefig(t, format=f))
+               for target, fmt in ((path.with_suffix(".png"), "png"),
+                                   (path.with_suffix(".pdf"), "pdf"))]
+    _pyplot().close(fig)
     return written
 
 
 def plot_table(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
     """The two plots of a rendered table: ``error_vs_params`` and ``error_vs_speedup``."""
-    outdir = Path(outdir)
-    return [
-        *plot_tradeoff(rows, "params", outdir / "error_vs_params.png", title=title,
-                       xlabel="parameters (log scale)", maximize_x=False, log_x=True),
-        *plot_tradeoff(rows, "speedup", outdir / "error_vs_speedup.png", title=title,
-                       xlabel="measured inference speedup over the dense twin (x)",
-                       maximize_x=True, log_x=False),
-    ]
+    written = []
+    for key, name, xlabel, maximize_x, log_x in PLOTS:
+        fig = tradeoff_figure(rows, key, title=title, xlabel=xlabel, maximize_x=maximize_x,
+                              log_x=log_x)
+        written += save_figure(fig, Path(outdir) / f"{name}.png")
+    return written
+
+
+def plot_frontier(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
+    """The frontier's two plots: ``frontier_params`` and ``frontier_speedup``."""
+    written = []
+    for key, name, xlabel, maximize_x, log_x in PLOTS:
+        fig = frontier_figure(rows, key, title=title, xlabel=xlabel, log_x=log_x,
+                              vline=maximize_x)
+        written += save_figure(fig, Path(outdir) / name.replace("error_vs", "frontier"))
+    return written

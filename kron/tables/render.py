@@ -201,7 +201,7 @@ def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = 
                                      _cells(m, lambda s: f"**{s}**")) + " |")
     seeds = rows[0]["asked"] if rows else 1
     out += ["", f"Each number is the mean over the n finished seeds (of {seeds} asked)"
-            + (f", ± the sample standard deviation" if seeds > 1 else "")
+            + (", ± the sample standard deviation" if seeds > 1 else "")
             + "; Δ error is in points against the reference row "
             f"({table.reference or 'none'}), taken per seed pair. Param./MAC reduction and "
             "speedup are against each run's own dense twin (same net, no layer swapped), "
@@ -226,8 +226,8 @@ def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = 
 def _csv_value(v: Any) -> str:
     if v is None:
         return ""
-    if isinstance(v, float):
-        return repr(round(v, 4))
+    if isinstance(v, float):  # 4 decimals; whole numbers (means of counts) as integers
+        return str(int(v)) if v.is_integer() else repr(round(v, 4))
     return str(v)
 
 

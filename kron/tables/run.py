@@ -1,10 +1,12 @@
-"""Launch a table's runs as one Hydra multirun of ``kron.train``.
+"""Launch a table's runs as Hydra multiruns of ``kron.train``, each row with N seeds.
 
-Rows are swept over ``experiment=``; each lands in ``<out>/tables/<table>/runs/<experiment>/``
-(``hydra.sweep.subdir`` is the experiment's name), which is where ``render`` looks. Rows whose
-``results.json`` exists are skipped unless ``redo``, or it was made with other overrides or a
-config that now composes differently (an edited table or experiment file); a rerun row's old
-folder is renamed, not deleted. ``launcher`` picks
+Rows are swept over ``experiment=`` and ``seed=``; each run lands in
+``<out>/tables/<table>/runs/<experiment>/seed<k>/`` (``hydra.sweep.subdir`` is the experiment's
+name and the seed), which is where ``render`` looks. Runs whose ``results.json`` exists are
+skipped unless ``redo``, or it was made with other overrides or a config that now composes
+differently (an edited table or experiment file); a rerun's old folder is renamed, not deleted.
+Rows that lack the same seeds go in one multirun (a grid of rows x seeds), so asking for more
+seeds later runs only the new ones. ``launcher`` picks
 configs/launcher/<name>.yaml (local: one after another; joblib: local processes in parallel;
 slurm, slurm_cpu: submitit).
 """
@@ -19,8 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kron.tables.results import RESULTS, run_dir, runs_dir
 from kron.paths import CONFIG_DIR
+from kron.tables.results import RESULTS, run_dir, runs_dir
 from kron.tables.spec import Row, Table
 
 ENTRY = "from kron.train import main; main()"
@@ -41,24 +43,24 @@ def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
 
 
 def job_overrides(table: Table, row: Row, extra: Sequence[str] = (),
-                  launcher: str = "local") -> list[str]:
-    """The overrides one row's job sees (what kron.train saves as ``overrides``)."""
-    return [f"experiment={row.experiment}", *table.overrides, *extra,
+                  launcher: str = "local", seed: int = 0) -> list[str]:
+    """The overrides one run's job sees (what kron.train saves as ``overrides``)."""
+    return [f"experiment={row.experiment}", f"seed={seed}", *table.overrides, *extra,
             *([f"launcher={launcher}"] if launcher != "local" else [])]
 
 
 def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = (),
-          launcher: str = "local") -> bool:
-    """True when the row's results.json was made with other overrides than these, or with a
+          launcher: str = "local", seed: int = 0) -> bool:
+    """True when the run's results.json was made with other overrides than these, or with a
     config that differs from what these overrides compose to now (an edited experiment or base
     config file)."""
     try:
-        saved = json.loads((run_dir(table.name, row, out) / RESULTS).read_text())
+        saved = json.loads((run_dir(table.name, row, out, seed) / RESULTS).read_text())
     except (OSError, ValueError):
         return False
     if not isinstance(saved, dict):
         return False
-    want = job_overrides(table, row, extra, launcher)
+    want = job_overrides(table, row, extra, launcher, seed)
     if saved.get("overrides") is not None and _normal(saved["overrides"]) != _normal(want):
         return True
     now = composed_config(want)
@@ -107,20 +109,38 @@ def _normal(overrides: Sequence[str]) -> list[str]:
     return sorted(f"{k}={v}" for k, v in last.items())
 
 
+Job = tuple[Row, int]  # a row and a seed
+
+
 def pending(table: Table, rows: Sequence[Row], out: str | Path | None, redo: bool,
-            extra: Sequence[str] = (), launcher: str = "local") -> tuple[list[Row], list[Row]]:
-    """Split ``rows`` into (to run, skipped because an up-to-date results.json exists).
+            extra: Sequence[str] = (), launcher: str = "local",
+            seeds: int = 1) -> tuple[list[Job], list[Job]]:
+    """Split the (row, seed) runs of ``rows`` x ``0..seeds-1`` into (to run, skipped because
+    an up-to-date results.json exists).
 
     A results.json made with different overrides (e.g. after editing the table) is rerun.
     """
     todo, skipped = [], []
     for r in rows:
-        done = (run_dir(table.name, r, out) / RESULTS).is_file()
-        if done and not redo and not stale(table, r, out, extra, launcher):
-            skipped.append(r)
-        else:
-            todo.append(r)
+        for s in range(seeds):
+            done = (run_dir(table.name, r, out, s) / RESULTS).is_file()
+            if done and not redo and not stale(table, r, out, extra, launcher, s):
+                skipped.append((r, s))
+            else:
+                todo.append((r, s))
     return todo, skipped
+
+
+def grids(jobs: Sequence[Job]) -> list[tuple[list[Row], list[int]]]:
+    """The (rows, seeds) grids that cover ``jobs`` exactly: rows lacking the same seeds share
+    one grid (one multirun), in table order."""
+    per_row: dict[str, tuple[Row, list[int]]] = {}
+    for row, seed in jobs:
+        per_row.setdefault(row.id, (row, []))[1].append(seed)
+    out: dict[tuple[int, ...], list[Row]] = {}
+    for row, seeds in per_row.values():
+        out.setdefault(tuple(sorted(seeds)), []).append(row)
+    return [(rows, list(seeds)) for seeds, rows in out.items()]
 
 
 def _has_top_level_comma(value: str) -> bool:
@@ -139,6 +159,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
         key, _, value = o.partition("=")
         if key.lstrip("+~") == "experiment":
             raise ValueError(f"override {o!r}: rows choose the experiment; use --rows instead")
+        if key.lstrip("+~") == "seed":
+            raise ValueError(f"override {o!r}: rows run seeds 0..N-1; use --seeds N instead")
         if key.startswith("hydra.sweep"):
             raise ValueError(f"override {o!r}: kron-tables sets hydra.sweep.* itself")
         if value.startswith(("glob(", "range(", "choice(")) or _has_top_level_comma(value):
@@ -147,8 +169,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 
 def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None = None,
-                     launcher: str = "local", extra: Sequence[str] = ()) -> list[str]:
-    """The ``python -c "from kron.train import main; main()" -m ...`` line that runs ``rows``."""
+                     launcher: str = "local", extra: Sequence[str] = (),
+                     seeds: Sequence[int] = (0,)) -> list[str]:
+    """The ``python -c "from kron.train import main; main()" -m ...`` line that runs ``rows``
+    with each of ``seeds``."""
     if launcher not in launchers():
         raise ValueError(f"launcher must be one of {launchers()} (configs/launcher/), "
                          f"got {launcher!r}")
@@ -160,9 +184,10 @@ def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None =
     # function of __main__ would be pickled by value (with unpicklable torch module globals)
     cmd = [sys.executable, "-c", ENTRY, "-m",
            "experiment=" + ",".join(r.experiment for r in rows),
+           "seed=" + ",".join(str(int(s)) for s in seeds),
            *table.overrides, *extra,
            f"hydra.sweep.dir={sweep_dir}",
-           "hydra.sweep.subdir=${hydra:runtime.choices.experiment}"]
+           "hydra.sweep.subdir=${hydra:runtime.choices.experiment}/seed${seed}"]  # seed_dirname
     if launcher != "local":
         cmd.append(f"launcher={launcher}")
     return cmd
@@ -181,27 +206,38 @@ def set_aside(folder: Path) -> Path:
 
 def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Path | None = None,
               redo: bool = False, launcher: str = "local", extra: Sequence[str] = (),
-              dry_run: bool = False) -> int:
-    """Run the table's pending rows; returns the multirun's exit status (0 if nothing to do)."""
+              dry_run: bool = False, seeds: int | None = None) -> int:
+    """Run the table's pending (row, seed) runs, ``seeds`` per row (default: the table's
+    ``seeds``); returns the first non-zero multirun exit status (0 if nothing to do)."""
     chosen = select_rows(table, rows)
-    todo, skipped = pending(table, chosen, out, redo, extra, launcher)
-    for r in skipped:
-        print(f"skip {r.id}: {run_dir(table.name, r, out) / RESULTS} exists (--redo reruns it)")
+    n = table.seeds if seeds is None else int(seeds)
+    if n < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n}")
+    check_overrides([*table.overrides, *extra])
+    todo, skipped = pending(table, chosen, out, redo, extra, launcher, n)
+    for r, s in skipped:
+        print(f"skip {r.id} seed {s}: {run_dir(table.name, r, out, s) / RESULTS} exists "
+              "(--redo reruns it)")
     if not todo:
-        print(f"{table.name}: every selected row has results; nothing to run")
+        print(f"{table.name}: every selected run has results; nothing to run")
         return 0
-    cmd = multirun_command(table, todo, out, launcher, extra)
-    print(f"{table.name}: running {len(todo)} row(s): {', '.join(r.id for r in todo)}")
-    print("$ " + shlex.join(cmd), flush=True)
-    if dry_run:
-        return 0
-    for r in todo:  # redone or stale rows keep their old folder, renamed
-        folder = run_dir(table.name, r, out)
-        if (folder / RESULTS).is_file():
-            why = "redo" if redo else "overrides changed"
-            print(f"{why} {r.id}: old folder moved to {set_aside(folder)}")
-    code = subprocess.call(cmd)
-    if code:
-        print(f"{table.name}: the multirun exited with status {code}; rows without results "
-              "are marked failed by `kron-tables render`", file=sys.stderr)
+    code = 0
+    for grid_rows, grid_seeds in grids(todo):
+        cmd = multirun_command(table, grid_rows, out, launcher, extra, grid_seeds)
+        print(f"{table.name}: running {len(grid_rows)} row(s) x seeds "
+              f"{','.join(map(str, grid_seeds))}: {', '.join(r.id for r in grid_rows)}")
+        print("$ " + shlex.join(cmd), flush=True)
+        if dry_run:
+            continue
+        for r in grid_rows:  # redone or stale runs keep their old folder, renamed
+            for s in grid_seeds:
+                folder = run_dir(table.name, r, out, s)
+                if (folder / RESULTS).is_file():
+                    why = "redo" if redo else "overrides changed"
+                    print(f"{why} {r.id} seed {s}: old folder moved to {set_aside(folder)}")
+        status = subprocess.call(cmd)
+        if status:
+            print(f"{table.name}: the multirun exited with status {status}; runs without "
+                  "results are marked failed by `kron-tables render`", file=sys.stderr)
+            code = code or status
     return code

@@ -23,8 +23,8 @@ from torch import nn
 
 from kron.fileio import atomic_write_text
 from kron.layers import Factorization, factorizations
-from kron.tables.results import table_dir
 from kron.paths import CONFIG_DIR
+from kron.tables.results import table_dir
 from kron.tables.spec import Row, Table
 
 CONFIGS = CONFIG_DIR
