@@ -423,7 +423,7 @@ def test_linear_cpu_inference_allocates_only_its_output(monkeypatch):
     reused workspace: the output is the only new storage of a call."""
     from kron.layers import kronecker
 
-    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", 300)  # several chunks
+    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", 2000)  # several chunks of rows
     layer = KronLinear(64, 32, [(4, 8), (8, 2), (4, 8)], implementation="factored")
     x = torch.randn(37, 64)
     with torch.no_grad():
