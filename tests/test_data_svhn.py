@@ -135,3 +135,45 @@ def test_synth_is_not_solved_in_one_epoch(tmp_path):
     with torch.no_grad():
         acc = (net.eval()(test.data.float() / 255 - 0.5).argmax(1) == test.targets).float().mean()
     assert torch.isfinite(loss) and acc < 0.95
+
+
+def test_synth_difficulty_levels(tmp_path):
+    """easy is the default renderer; hard is harder by each of its knobs and has its
+    own cache key; an unknown level is one clear error."""
+    from kron.data.synth_svhn import LEVELS, Difficulty, difficulty
+
+    assert difficulty("easy") == Difficulty() and difficulty(LEVELS["hard"]) is LEVELS["hard"]
+    easy, ye = render_split(60, seed=2, split_index=1)
+    again, _ = render_split(60, seed=2, split_index=1, level="easy")
+    hard, yh = render_split(60, seed=2, split_index=1, level="hard")
+    assert np.array_equal(easy, again) and np.array_equal(ye, yh)  # labels come first
+    assert not np.array_equal(easy, hard)
+    h = LEVELS["hard"]
+    e = LEVELS["easy"]
+    assert h.min_luma_gap < e.min_luma_gap and h.noise > e.noise and h.blur[1] > e.blur[1]
+    assert h.neighbour_prob > e.neighbour_prob and h.gap[1] < e.gap[1] and h.blobs[1] > 0
+    assert h.crop_scale[1] - h.crop_scale[0] > e.crop_scale[1] - e.crop_scale[0]
+    # lower contrast: the mean absolute difference to each image's own mean is smaller
+    spread = lambda x: np.abs(x - x.mean((1, 2, 3), keepdims=True)).mean()  # noqa: E731
+    assert spread(hard.astype(float)) < spread(easy.astype(float))
+    ensure_synth_svhn(tmp_path, n_train=6, n_test=4, seed=2, difficulty="hard")
+    meta = json.loads((tmp_path / "synth_svhn.json").read_text())
+    assert meta["difficulty"] == "hard"
+    assert np.array_equal(SVHN(tmp_path, "test", verify_md5=False).data.numpy(),
+                          render_split(4, 2, 1, "hard")[0].transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="unknown synthetic SVHN difficulty 'nope'"):
+        ensure_synth_svhn(tmp_path / "x", n_train=6, n_test=4, difficulty="nope")
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_synth_hard_config_composes():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kron.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=synth_svhn_hard"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data["synth"] == {"n_train": 6000, "n_test": 2000, "seed": 0, "difficulty": "hard"}
+    assert data["root"].endswith("synth_svhn_hard") and data["name"] == "synth_svhn"
