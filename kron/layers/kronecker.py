@@ -68,6 +68,16 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def _example_size(size: int | torch.SymInt) -> int:
+    """A dimension as an int. A symbolic one (a dynamic batch under torch.compile or
+    torch.export) gives its example value without adding a guard: the traced program keeps
+    the choice made at the example size for every size, instead of specialising to it."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(size)
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast computes ``x``'s device's matmuls in, or None when it is off."""
     kind = x.device.type
@@ -283,7 +293,7 @@ class _KroneckerSum(nn.Module):
     def rule_implementation(self, input_shape: Sequence[int], device_type: str,
                             training: bool) -> str:
         """What ``"auto"`` runs by the cost model for this input, device type and mode."""
-        shape = [int(s) for s in input_shape]
+        shape = [_example_size(s) for s in input_shape]
         return cost_model.choose(self.workload(shape, device_type),
                                  self._candidates(device_type), device_type, training)
 
