@@ -1,4 +1,5 @@
-"""The low-rank baselines that Kronecker layers are compared with (DESIGN.md section 3).
+"""The low-rank baselines that Kronecker layers are compared with (docs/design.md, low-rank
+baselines: the four models, their fits, and the modes they are tested in).
 
 - ``LowRankLinear``: ``W = U V`` (SVD fit).
 - ``SeparableConv2d``: Jaderberg et al. 2014, scheme 2 (SVD fit).
