@@ -189,10 +189,10 @@ def _same_state(a: tuple, b: tuple) -> bool:
 
 
 def test_two_jobs_in_one_process_leave_no_trace(tiny_data, tmp_path):
-    # job B, then a different job A (other seed, threads, determinism), then B again: each
+    # job B, then a different job A (other seed, determinism), then B again: each
     # train() leaves the process as it found it, and B's second run equals its first
     b_over = [*tiny_data, "epochs=1", "measure.enabled=false"]
-    a_over = [*b_over, "seed=3", "threads=2", "deterministic=false"]
+    a_over = [*b_over, "seed=3", "deterministic=false"]
     before = _process_state()
     run(tmp_path / "b1", b_over)
     assert _same_state(_process_state(), before)
