@@ -47,8 +47,9 @@ def test_every_paper_table_is_declared():
         assert any("large" in r.id for r in t.rows), name  # the larger-feature-map variant
         assert all(not r.paper for r in t.rows), f"{name}: a paper number needs its source"
     demo = TABLES["svhn_demo"]
-    assert [r.id for r in demo.rows] == ["dense", "kron_c16", "kron_c32x16", "kron_mixed",
-                                         "lowrank_fc", "separable"]
+    assert [r.id for r in demo.rows] == ["dense", "kron_c32x16", "kron_mixed", "lowrank_fc",
+                                         "separable"]
+    assert demo.seeds == 2 and "data=synth_svhn_hard" in demo.overrides
 
 
 def test_every_experiment_file_belongs_to_a_table():
