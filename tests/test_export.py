@@ -1,8 +1,9 @@
-"""Export of a surgered net: ``torch.export`` and ``torch.onnx.export(..., dynamo=True)``.
+"""A surgered net as deployment tools see it: ``torch.export``, ``torch.onnx.export(...,
+dynamo=True)`` and ``channels_last``.
 
 A small SVHN net with every kind of swapped layer (Kronecker conv and FC, low-rank FC,
 separable, CP and Tucker-2 convs) exports with a dynamic batch dimension; the exported program
-and onnxruntime give the eager model's outputs.
+and onnxruntime give the eager model's outputs, and so does the net in channels_last.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def test_torch_export_auto_with_dynamic_batch():
     program = torch.export.export(model, (torch.randn(2, *INPUT[1:]),), dynamic_shapes=BATCH)
     x = torch.randn(3, *INPUT[1:])
     torch.testing.assert_close(eager(program.module(), x), eager(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["factored", "dense", "auto"])
+def test_channels_last_net_gives_the_same_outputs(implementation):
+    model = surgered_net((implementation,) * 3)
+    x = torch.randn(3, *INPUT[1:])
+    want = eager(model, x)
+    model = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(eager(model, x.to(memory_format=torch.channels_last)), want,
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
