@@ -226,6 +226,34 @@ def factorizations(
     return sorted(out, key=lambda f: (f.params, f.a_shape))
 
 
+def within_budget(
+    layer: nn.Module,
+    input_hw: Sequence[int] | None = None,
+    *,
+    rank: int = 1,
+    param_ratio: float | None = None,
+    mac_ratio: float | None = None,
+    include_trivial: bool = False,
+) -> list[Factorization]:
+    """The single-shape rank-``rank`` Kronecker replacements of ``layer`` within budget: the
+    one budget filter (used by :func:`choose_terms` and by ``kron-tables sweep``).
+
+    A shape is kept when its parameter ratio is ``<= param_ratio`` and its MAC ratio ``<=
+    mac_ratio`` (each bound only when given; conv MACs need ``input_hw``). Sorted by parameters.
+    """
+    if param_ratio is None and mac_ratio is None:
+        raise ValueError("a Kronecker shape choice needs a budget: param_ratio and/or mac_ratio")
+    for name, v in (("param_ratio", param_ratio), ("mac_ratio", mac_ratio)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    if mac_ratio is not None and input_hw is None and not isinstance(layer, nn.Linear):
+        raise ValueError("a MAC budget on a conv layer needs its input size (input_hw=(H, W))")
+    return [f for f in factorizations(layer, input_hw=input_hw, rank=rank,
+                                      include_trivial=include_trivial)
+            if (param_ratio is None or f.param_ratio <= param_ratio)
+            and (mac_ratio is None or (f.mac_ratio is not None and f.mac_ratio <= mac_ratio))]
+
+
 def choose_terms(
     layer: nn.Module,
     *,
@@ -236,21 +264,14 @@ def choose_terms(
 ) -> list[Shape]:
     """The single-shape ``terms`` list (``rank`` copies of one A shape) for a budget.
 
-    Among the shapes whose parameter ratio (and/or MAC ratio) is within budget, the one with the
-    most parameters wins (most capacity for the budget); ties go to the most balanced A/B split.
-    Raises ``ValueError`` if nothing fits, naming the smallest achievable ratio.
+    Among the shapes :func:`within_budget`, the one with the most parameters wins (most
+    capacity for the budget); ties go to the most balanced A/B split. Raises ``ValueError`` if
+    nothing fits, naming the smallest achievable ratio.
     """
-    if param_ratio is None and mac_ratio is None:
-        raise ValueError("choose_terms needs param_ratio or mac_ratio")
-    if mac_ratio is not None and input_hw is None and not isinstance(layer, nn.Linear):
-        raise ValueError("choose_terms with mac_ratio on a conv layer needs input_hw=(H, W)")
-    cands = factorizations(layer, input_hw=input_hw, rank=rank)
-    fits = [
-        f for f in cands
-        if (param_ratio is None or f.param_ratio <= param_ratio)
-        and (mac_ratio is None or (f.mac_ratio is not None and f.mac_ratio <= mac_ratio))
-    ]
+    fits = within_budget(layer, input_hw, rank=rank, param_ratio=param_ratio,
+                         mac_ratio=mac_ratio)
     if not fits:
+        cands = factorizations(layer, input_hw=input_hw, rank=rank)
         best_p = min((f.param_ratio for f in cands), default=float("nan"))
         best_m = min((f.mac_ratio for f in cands if f.mac_ratio is not None), default=None)
         raise ValueError(

@@ -22,33 +22,13 @@ import yaml
 from torch import nn
 
 from kron.fileio import atomic_write_text
-from kron.layers import Factorization, factorizations
+from kron.layers import Factorization
+from kron.layers.shapes import within_budget  # the one budget filter (also choose_terms')
 from kron.paths import CONFIG_DIR
 from kron.tables.results import table_dir
 from kron.tables.spec import Row, Table
 
 CONFIGS = CONFIG_DIR
-
-
-def within_budget(layer: nn.Module, input_hw: Sequence[int] | None = None, *, rank: int = 1,
-                  param_ratio: float | None = None, mac_ratio: float | None = None,
-                  include_trivial: bool = False) -> list[Factorization]:
-    """The single-shape rank-``rank`` Kronecker replacements of ``layer`` within budget.
-
-    A shape is kept when its parameter ratio is ``<= param_ratio`` and its MAC ratio ``<=
-    mac_ratio`` (each bound only when given; conv MACs need ``input_hw``). Sorted by parameters.
-    """
-    if param_ratio is None and mac_ratio is None:
-        raise ValueError("a sweep needs a budget: param_ratio and/or mac_ratio")
-    for name, v in (("param_ratio", param_ratio), ("mac_ratio", mac_ratio)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
-    if mac_ratio is not None and input_hw is None and not isinstance(layer, nn.Linear):
-        raise ValueError("a MAC budget on a conv layer needs its input size (input_hw)")
-    return [f for f in factorizations(layer, input_hw=input_hw, rank=rank,
-                                      include_trivial=include_trivial)
-            if (param_ratio is None or f.param_ratio <= param_ratio)
-            and (mac_ratio is None or (f.mac_ratio is not None and f.mac_ratio <= mac_ratio))]
 
 
 @dataclass(frozen=True)
