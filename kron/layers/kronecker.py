@@ -681,7 +681,7 @@ class KronConv2d(_KroneckerSum):
         explicit_pad, stage1_padding = self._pad_plan()
         if explicit_pad:
             ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph))
+            x = F.pad(x, (pw, pw, ph, ph)).contiguous()  # pad may keep channels_last strides
         for i, (a, b) in enumerate(pairs):
             if i == 0:
                 out = self._group_forward(x, a, b, stage1_padding, out=out)
@@ -722,9 +722,12 @@ class KronConv2d(_KroneckerSum):
         rank, f1, c1, kh1, kw1 = a.shape
         _, f2, c2, kh2, kw2 = b.shape
         stride1, pointwise = self.geometry.stage_plan(tuple(a.shape[1:]))
-        z = F.conv2d(x.view(n * c1, c2, h, w), b.reshape(rank * f2, c2, kh2, kw2),
+        z = F.conv2d(x.reshape(n * c1, c2, h, w), b.reshape(rank * f2, c2, kh2, kw2),
                      stride=stride1, padding=padding, dilation=self.dilation)
-        h1, w1 = z.shape[-2:]  # z is (N, C1, R, F2, h1, w1)
+        # z is (N, C1, R, F2, h1, w1); contiguous: with a size-1 axis an input can count as
+        # both memory formats, and the convolution may then return channels_last strides
+        z = z.contiguous()
+        h1, w1 = z.shape[-2:]
         if pointwise:
             a2 = a.reshape(rank, f1, c1).permute(1, 2, 0).reshape(f1, c1 * rank)  # [f1,(c1,r)]
             z = z.view(n, c1 * rank, f2 * h1 * w1)
