@@ -119,6 +119,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 2
     table = write_sweep(args.name, cfg, points, args.overrides, args.out, budget)
     print(f"wrote {table_dir(table.name, args.out) / 'table.yaml'} and its experiment configs")
+    return run_and_render(table, args)
+
+
+def run_and_render(table: Table, args: argparse.Namespace) -> int:
+    """Run a generated table's pending runs, then render it (unless a dry run)."""
     code = run_table(table, out=args.out, redo=args.redo, launcher=args.launcher,
                      dry_run=args.dry_run, seeds=args.seeds)
     if not args.dry_run:
@@ -148,12 +153,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         print(f"{runs} runs exceed --max-runs {args.max_runs}; fewer budgets/families/seeds or "
               "raise --max-runs", file=sys.stderr)
         return 2
-    code = run_table(table, out=args.out, redo=args.redo, launcher=args.launcher,
-                     dry_run=args.dry_run, seeds=args.seeds)
-    if not args.dry_run:
-        cmd_render(argparse.Namespace(table=table.name, out=args.out, wandb=None, quiet=False,
-                                      seeds=args.seeds))
-    return code
+    return run_and_render(table, args)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

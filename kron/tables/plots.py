@@ -149,21 +149,26 @@ def save_figure(fig, path: str | Path) -> list[Path]:
     return written
 
 
-def plot_table(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
-    """The two plots of a rendered table: ``error_vs_params`` and ``error_vs_speedup``."""
+def _plot_pair(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
+               frontier: bool) -> list[Path]:
     written = []
     for key, name, xlabel, maximize_x, log_x in PLOTS:
-        fig = tradeoff_figure(rows, key, title=title, xlabel=xlabel, maximize_x=maximize_x,
-                              log_x=log_x)
+        if frontier:
+            fig = frontier_figure(rows, key, title=title, xlabel=xlabel, log_x=log_x,
+                                  vline=maximize_x)
+            name = name.replace("error_vs", "frontier")
+        else:
+            fig = tradeoff_figure(rows, key, title=title, xlabel=xlabel, maximize_x=maximize_x,
+                                  log_x=log_x)
         written += save_figure(fig, Path(outdir) / f"{name}.png")
     return written
 
 
+def plot_table(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
+    """The two plots of a rendered table: ``error_vs_params`` and ``error_vs_speedup``."""
+    return _plot_pair(rows, outdir, title, frontier=False)
+
+
 def plot_frontier(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
     """The frontier's two plots: ``frontier_params`` and ``frontier_speedup``."""
-    written = []
-    for key, name, xlabel, maximize_x, log_x in PLOTS:
-        fig = frontier_figure(rows, key, title=title, xlabel=xlabel, log_x=log_x,
-                              vline=maximize_x)
-        written += save_figure(fig, Path(outdir) / name.replace("error_vs", "frontier"))
-    return written
+    return _plot_pair(rows, outdir, title, frontier=True)
