@@ -36,6 +36,7 @@ class MeasureConfig:
     warmup: int = field(default=5, metadata={"min": 0})
     repeats: int = field(default=20, metadata={"min": 1})
     threads: int | None = None
+    throughput_batch_size: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from kron.models import MODELS, build_model
-from kron.models.common import MaxPool2x2, PlainConvNet, scale_width
+from kron.models.common import PlainConvNet, scale_width
 from kron.models.hwdb import HWDB_CONVS, HWDB_HIDDEN
 from kron.models.scenetext import SCENETEXT_CONVS, SCENETEXT_HIDDEN
 from kron.models.svhn import SVHN_CONVS, SVHN_HIDDEN, SVHN_STEM
@@ -69,16 +69,6 @@ def test_large_maps_doubles_resolution_keeps_classifier():
     assert sizes == {"small": 8, "large": 16}
     assert large.features.conv1.stride == (1, 1) and small.features.conv1.stride == (2, 2)
     assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in large.parameters())
-
-
-def test_maxpool2x2_equals_maxpool2d():
-    x = torch.randn(3, 5, 9, 10)
-    assert torch.equal(MaxPool2x2()(x), nn.MaxPool2d(2)(x))
-    xg = x.clone().requires_grad_()
-    MaxPool2x2()(xg).sum().backward()
-    xr = x.clone().requires_grad_()
-    nn.MaxPool2d(2)(xr).sum().backward()
-    assert torch.equal(xg.grad, xr.grad)
 
 
 def test_alexnet_matches_torchvision_layout():

@@ -33,22 +33,22 @@ def git_commit() -> str | None:
         return None
 
 
-def _latency(cfg: DictConfig, job: Job, models: dict[str, nn.Module],
-             shape: tuple[int, int, int]) -> dict[str, Any]:
+def _speed(cfg: DictConfig, job: Job, model: nn.Module, dense: nn.Module,
+           shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Latency at ``measure.batch_size`` and (when set) throughput at
+    ``measure.throughput_batch_size``, in the job's compute dtype (bf16/fp16 under AMP on CUDA),
+    both against the dense twin, timed as docs/design.md, "Measurement" says."""
     m = cfg.measure
-    x = job.to_device(torch.randn(m.batch_size, *shape))
     threads = torch.get_num_threads()
     if m.threads:  # e.g. 1 on a busy machine, where spinning OpenMP threads stall
         torch.set_num_threads(int(m.threads))
     try:
-        lat = measure.measure_latency(models, x, warmup=m.warmup, repeats=m.repeats)
-        used = torch.get_num_threads()
+        return measure.measure_speed(
+            model, dense, shape, job.device, dtype=job.amp_dtype or torch.float32,
+            latency_batch=m.batch_size, throughput_batch=m.throughput_batch_size,
+            warmup=m.warmup, repeats=m.repeats, channels_last=job.channels_last)
     finally:
         torch.set_num_threads(threads)
-    return {"latency_ms": lat["model"], "latency_dense_ms": lat["dense"],
-            "speedup": measure.speedup(lat["model"], lat["dense"]),
-            "latency_batch_size": m.batch_size, "latency_device": str(job.device),
-            "latency_threads": used}
 
 
 def measure_against_dense(cfg: DictConfig, job: Job, net: Net, shape: tuple[int, int, int]
@@ -64,12 +64,12 @@ def measure_against_dense(cfg: DictConfig, job: Job, net: Net, shape: tuple[int,
         "params": measure.count_params(model), "params_dense": measure.count_params(dense),
         "macs": measure.count_macs(model, one), "macs_dense": measure.count_macs(dense, one)}
     # the surgered layers' formula count (what FlopCounterMode saw may be a dense path)
-    out["macs_analytic"] = out["macs_dense"] - sum(r.macs_before - r.macs_after
-                                                  for r in net.rows)
+    out["macs_analytic"] = measure.surgered_macs(out["macs_dense"],
+                                                 [r.as_dict() for r in net.rows])
     out["param_ratio"] = out["params"] / out["params_dense"]
     out["mac_ratio"] = out["macs"] / out["macs_dense"]
     if cfg.measure.enabled:
-        out.update(_latency(cfg, job, {"model": model, "dense": dense}, shape))
+        out.update(_speed(cfg, job, model, dense, shape))
     else:
         out.update(latency_ms=None, latency_dense_ms=None, speedup=None)
     return out
