@@ -20,6 +20,7 @@ import ctypes.util
 import os
 import platform
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kron.distributed import CUBLAS_WORKSPACE
+from kron.distributed import set_cublas_workspace
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -142,10 +143,12 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
     env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     notes: list[str] = []
     if s.deterministic and s.cuda and env_before is None:
-        if torch.cuda.is_initialized():
+        with warnings.catch_warnings():  # said once, as a note of the run, instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            in_effect = set_cublas_workspace()
+        if not in_effect:
             notes.append("CUDA was initialised before the job set CUBLAS_WORKSPACE_CONFIG: "
                          "cuBLAS may not be deterministic (set it in the environment)")
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     try:
         torch.manual_seed(s.seed)
         np.random.seed(s.seed % 2**32)
