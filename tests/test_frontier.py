@@ -141,7 +141,8 @@ def test_frontier_plot_has_one_line_per_family():
 def test_tiny_frontier_trains_and_renders(tmp_path, monkeypatch):
     """Real runs (kron.train as a Hydra multirun): 2 families x 1 budget x 2 seeds + dense."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    over = ["model.width=0.125", f"data.root={tmp_path / 'data'}", "data.synth.n_train=32",
+    over = ["data=synth_svhn", "model.width=0.125", f"data.root={tmp_path / 'data'}",
+            "data.synth.n_train=32",
             "data.synth.n_test=16", "data.loader.num_workers=0", "batch_size=16", "epochs=1",
             "measure.repeats=2", "measure.warmup=1", "measure.batch_size=4", "progress=false",
             "threads=1", "wandb.mode=disabled"]

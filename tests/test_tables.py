@@ -581,3 +581,34 @@ def test_results_from_an_edited_experiment_config_are_stale(tmp_path):
     config["grad_clip"] = 123.0  # as if _base.yaml had been edited after the run
     (folder / RESULTS).write_text(json.dumps({"overrides": want, "config": config}))
     assert stale(table, row, tmp_path)
+
+
+def test_wandb_log_framing_across_blocks(tmp_path):
+    """A record longer than a 32 KiB block arrives as first/middle/last chunks; a block tail
+    shorter than a chunk header is padding; a torn last chunk ends the replay."""
+    import struct
+
+    from kron.tables.wandb_offline import BLOCK, FIRST, FULL, HEADER, LAST, MIDDLE, records
+
+    def chunk(kind, payload):
+        return struct.pack("<IHB", 0, len(payload), kind) + payload
+
+    big = bytes(range(256)) * 300  # 76,800 bytes: spans three blocks
+    data = bytearray(b":W&B\xe1\xbe\x00")
+    data += chunk(FULL, b"small")
+    room = BLOCK - len(data) - 7
+    data += chunk(FIRST, big[:room])
+    data += chunk(MIDDLE, big[room:room + BLOCK - 7])
+    rest = big[room + BLOCK - 7:]
+    data += chunk(LAST, rest)
+    pad = BLOCK - len(data) % BLOCK
+    data += chunk(FULL, b"x" * (pad - 7 - 3)) + b"\0\0\0"  # 3 bytes left: padding
+    data += chunk(FULL, b"after padding") + chunk(FULL, b"torn")[:-2]
+    f = tmp_path / "run-x.wandb"
+    f.write_bytes(bytes(data))
+    got = records(f)
+    assert got[:2] == [b"small", big] and got[3] == b"after padding" and len(got) == 4
+    assert len(data[:HEADER]) == 7
+    f.write_bytes(b"not a log")
+    with pytest.raises(ValueError, match="not a W&B transaction log"):
+        records(f)

@@ -205,11 +205,11 @@ def collect_wandb(table: Table, project: str, api: Any = None,
     for row in table.rows:
         for seed in range(n):
             out.append(_wandb_result(row, seed, finished.get((row.experiment, seed)),
-                                     other.get((row.experiment, seed)), project))
+                                     other.get((row.experiment, seed))))
     return out
 
 
-def _wandb_result(row: Row, seed: int, done: Any, latest: Any, project: str) -> RunResult:
+def _wandb_result(row: Row, seed: int, done: Any, latest: Any) -> RunResult:
     run = done or latest
     if run is None:
         return RunResult(row, "missing", reason="not run", seed=seed)
