@@ -591,7 +591,7 @@ def test_wandb_log_framing_across_blocks(tmp_path):
     from kron.tables.wandb_offline import BLOCK, FIRST, FULL, HEADER, LAST, MIDDLE, records
 
     def chunk(kind, payload):
-        return struct.pack("<IHB", 0, len(payload), kind) + payload
+        return struct.pack("<IHB", 0xDEADBEEF, len(payload), kind) + payload  # crc unchecked
 
     big = bytes(range(256)) * 300  # 76,800 bytes: spans three blocks
     data = bytearray(b":W&B\xe1\xbe\x00")
