@@ -51,14 +51,6 @@ from kron.layers.shapes import (
 )
 
 IMPLEMENTATIONS = ("auto", "factored", "dense", "triton")
-# Chunked CPU inference of KronConv2d keeps the first-stage outputs (F.conv2d has no out=) of
-# this many previous chunks referenced. Their memory is then free again only once later chunks
-# have allocated theirs, so glibc recycles it for them instead of returning the heap top to the
-# kernel after each chunk and page-faulting it back in on the next one. Measured by minor page
-# faults per call (deterministic; `resource.getrusage`), 256->256 3x3 A(16,16,1,1), batch 32:
-# 29,377 without, 18,177 holding 1 chunk, 13,401 holding 2, 12,433 holding 3; the 32 MB output
-# alone accounts for 8,192, dense F.conv2d takes 24,579. Costs at most this many chunk budgets.
-_HELD_CHUNKS = 2
 # Device types on which KronConv2d's factored path runs pointwise-A groups as one grouped conv
 # plus one 1x1 conv (kron.layers.kron_conv_grouped); tests add "cpu" to check it there.
 _GROUPED_CONV_DEVICES: tuple[str, ...] = ("cuda",)
@@ -682,21 +674,19 @@ class KronConv2d(_KroneckerSum):
         return True, (0, 0)
 
     def _factored_block(
-        self, x: torch.Tensor, pairs: list, out: torch.Tensor | None = None,
-        hold: list[torch.Tensor] | None = None,
+        self, x: torch.Tensor, pairs: list, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """All shape groups on a contiguous block of samples (no bias); writes into ``out``
-        when given (the first group's result lands there directly on the pointwise path).
-        The first-stage intermediates are appended to ``hold`` when given."""
+        when given (the first group's result lands there directly on the pointwise path)."""
         explicit_pad, stage1_padding = self._pad_plan()
         if explicit_pad:
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph)).contiguous()  # pad may keep channels_last strides
         for i, (a, b) in enumerate(pairs):
             if i == 0:
-                out = self._group_forward(x, a, b, stage1_padding, out=out, hold=hold)
+                out = self._group_forward(x, a, b, stage1_padding, out=out)
             else:
-                out = out.add_(self._group_forward(x, a, b, stage1_padding, hold=hold))
+                out = out.add_(self._group_forward(x, a, b, stage1_padding))
         return out
 
     def _factored_inference_cpu(
@@ -713,15 +703,11 @@ class KronConv2d(_KroneckerSum):
         )
         chunk = max(1, min(n, _chunk_budget() // per_sample))
         out = x.new_empty((n, self.out_channels, ho, wo))
-        recent: list[list[torch.Tensor]] = []
         for start in range(0, n, chunk):
             block = out[start : start + chunk]
-            held: list[torch.Tensor] = []
-            self._factored_block(x[start : start + chunk], pairs, out=block, hold=held)
+            self._factored_block(x[start : start + chunk], pairs, out=block)
             if bias is not None:
                 block.add_(bias.view(1, -1, 1, 1))
-            recent.append(held)
-            del recent[:-_HELD_CHUNKS]
         return out
 
     def _group_forward(
@@ -731,7 +717,6 @@ class KronConv2d(_KroneckerSum):
         b: torch.Tensor,
         padding: tuple[int, int],
         out: torch.Tensor | None = None,
-        hold: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         n, _, h, w = x.shape
         rank, f1, c1, kh1, kw1 = a.shape
@@ -742,8 +727,6 @@ class KronConv2d(_KroneckerSum):
         # z is (N, C1, R, F2, h1, w1); contiguous: with a size-1 axis an input can count as
         # both memory formats, and the convolution may then return channels_last strides
         z = z.contiguous()
-        if hold is not None:
-            hold.append(z)
         h1, w1 = z.shape[-2:]
         if pointwise:
             a2 = a.reshape(rank, f1, c1).permute(1, 2, 0).reshape(f1, c1 * rank)  # [f1,(c1,r)]
