@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kron.paths import CONFIG_DIR
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery
+from kron.paths import CONFIG_DIR
 from kron.tables.spec import list_tables, load_table
 
 ROOT = Path(__file__).resolve().parents[1]
