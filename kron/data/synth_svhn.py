@@ -57,10 +57,10 @@ class Difficulty:
 
 LEVELS: dict[str, Difficulty] = {
     "easy": Difficulty(),
-    "hard": Difficulty(min_luma_gap=26.0, neighbour_prob=0.9, gap=(-2, 3), band_prob=0.7,
-                       edge_prob=0.5, blobs=(0, 3), blob_alpha=(0.2, 0.5), centre_sd=2.0,
-                       crop_scale=(0.72, 1.3), blur=(0.25, 1.75), contrast=(0.5, 1.0),
-                       brightness=30.0, noise=22.0),
+    "hard": Difficulty(min_luma_gap=30.0, neighbour_prob=0.85, gap=(-2, 4), band_prob=0.7,
+                       edge_prob=0.5, blobs=(0, 3), blob_alpha=(0.2, 0.45), centre_sd=2.0,
+                       crop_scale=(0.75, 1.25), blur=(0.2, 1.6), contrast=(0.55, 1.05),
+                       brightness=30.0, noise=18.0),
 }
 
 
