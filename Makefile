@@ -28,7 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)  ## the layer benchmark table (CPU, and CUDA when present)
 	$(PY) -m kron.bench layers
 
-demo: $(STAMP)  ## synthetic SVHN -> the small SVHN table (6 runs, minutes on 2 CPU cores) -> table + plots
+demo: $(STAMP)  ## synthetic SVHN (hard level) -> the small SVHN table (10 runs: 5 rows x 2 seeds, minutes on 2 CPU cores) -> table + plots
 	$(PY) -m kron.tables demo
 
 clean:

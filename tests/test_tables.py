@@ -387,6 +387,10 @@ def test_run_skips_runs_with_results_unless_redo(toy, capsys):
     todo, skipped = pending(table, table.rows[:1], out, False,
                             extra=["progress=true", "progress=false"], launcher="joblib")
     assert not todo
+    # how a run is launched (hydra.*, e.g. several SLURM tasks) does not make it stale
+    todo, _ = pending(table, table.rows[:1], out, False,
+                      extra=["progress=false", "hydra.launcher.tasks_per_node=4"])
+    assert not todo
 
 
 def test_multirun_command(toy):

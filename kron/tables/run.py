@@ -97,7 +97,8 @@ def _comparable(config: dict) -> dict:
 
 def _normal(overrides: Sequence[str]) -> list[str]:
     """Overrides in a comparable form, as Hydra applies them: parsed (``progress=false`` ==
-    ``progress=False``), the last value of a repeated key winning, the launcher ignored."""
+    ``progress=False``), the last value of a repeated key winning, the launcher and
+    ``hydra.*`` keys ignored."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -106,6 +107,9 @@ def _normal(overrides: Sequence[str]) -> list[str]:
         return sorted(overrides)
     last = {o.get_key_element(): f"{o.value()!r}" for o in parsed}
     last.pop("launcher", None)  # where a run ran does not change its result
+    # hydra.* (e.g. hydra.launcher.tasks_per_node) says how a run is launched, not what it
+    # computes; results.json records only the task's overrides, so compare without them
+    last = {k: v for k, v in last.items() if not k.startswith("hydra.")}
     return sorted(f"{k}={v}" for k, v in last.items())
 
 
