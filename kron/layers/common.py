@@ -39,7 +39,7 @@ def kaiming_std(fan_in: int) -> float:
 
     PyTorch's default is ``kaiming_uniform_(a=sqrt(5))``: uniform on ``[-1/sqrt(fan_in),
     1/sqrt(fan_in)]``, whose variance is ``1 / (3 * fan_in)``. Factored layers scale their
-    factors so that the composed weight keeps this variance (DESIGN.md section 3).
+    factors so that the composed weight keeps this variance (docs/design.md, section 1).
     """
     return 1.0 / math.sqrt(3.0 * fan_in)
 

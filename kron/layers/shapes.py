@@ -1,6 +1,6 @@
 """Kronecker term shapes: validation, enumeration, and their analytic cost.
 
-A term is named by its A shape; B's shape follows from the layer (DESIGN.md section 3). These
+A term is named by its A shape; B's shape follows from the layer (docs/design.md, section 1). These
 helpers say which A shapes fit a layer, what each costs (parameters and multiply-accumulates of
 exactly the ops :mod:`kron.layers.kronecker` runs), and pick terms for a parameter or MAC budget.
 """

@@ -37,7 +37,7 @@ def _speed(cfg: DictConfig, job: Job, model: nn.Module, dense: nn.Module,
            shape: tuple[int, int, int]) -> dict[str, Any]:
     """Latency at ``measure.batch_size`` and (when set) throughput at
     ``measure.throughput_batch_size``, in the job's compute dtype (bf16/fp16 under AMP on CUDA),
-    both against the dense twin, timed as docs/design.md, "Measurement" says."""
+    both against the dense twin, timed as docs/design.md, "Measuring cost and speed" says."""
     m = cfg.measure
     threads = torch.get_num_threads()
     if m.threads:  # e.g. 1 on a busy machine, where spinning OpenMP threads stall
