@@ -37,15 +37,9 @@ from kron.timing import median_times, synchronize, timer_name
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    """Number of parameters (``module.parameters()`` yields a shared parameter once, so it is
+    counted once); ``trainable_only`` counts only those that require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 # ------------------------------------------------------------------------------------- MACs

@@ -161,7 +161,33 @@ def test_measure_speed_latency_and_throughput_with_dtype(clock):
         "bfloat16", "cpu", "perf_counter")
     assert model.seen == {(False, False, torch.bfloat16)}  # run under bf16 autocast
     without = measure_speed(model, dense, (3,), "cpu", latency_batch=2, warmup=0, repeats=1)
-    assert without["throughput_img_s"] is None and without["latency_dtype"] == "float32"
+    assert without["latency_dtype"] == "float32" and without["latency_batch_size"] == 2
+    assert {k: without[k] for k in ("throughput_batch_size", "throughput_img_s",
+                                    "throughput_dense_img_s", "throughput_speedup")} == dict.fromkeys(
+        ("throughput_batch_size", "throughput_img_s", "throughput_dense_img_s",
+         "throughput_speedup"))
+    assert without["latency_threads"] == torch.get_num_threads()
+
+
+def test_measure_speed_feeds_channels_last_batches_when_asked(clock):
+    class Layout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layouts: set[bool] = set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            clock.now += 1e-3
+            self.layouts.add(x.is_contiguous(memory_format=torch.channels_last)
+                             and not x.is_contiguous())
+            return x
+
+    model, dense = Layout(), Layout()
+    measure_speed(model, dense, (3, 4, 4), "cpu", latency_batch=2, throughput_batch=4,
+                  warmup=0, repeats=1, channels_last=True)
+    assert model.layouts == dense.layouts == {True}
+    model.layouts.clear()
+    measure_speed(model, dense, (3, 4, 4), "cpu", latency_batch=2, warmup=0, repeats=1)
+    assert model.layouts == {False}
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -120,6 +120,14 @@ def test_count_params_counts_shared_parameters_once():
     assert count_params(nn.Sequential(lin, lin)) == 20
 
 
+def test_count_params_trainable_only_skips_frozen_parameters():
+    frozen, head = nn.Linear(4, 4), nn.Linear(4, 2)  # 20 and 10 parameters
+    frozen.requires_grad_(False)
+    model = nn.Sequential(frozen, head)
+    assert count_params(model) == 30
+    assert count_params(model, trainable_only=True) == 10
+
+
 def test_analytic_macs_rejects_unknown_matmul_layers():
     class Bilinear(nn.Module):  # a leaf with a weight matrix and no formula
         def __init__(self):
@@ -131,3 +139,18 @@ def test_analytic_macs_rejects_unknown_matmul_layers():
 
     with pytest.raises(ValueError, match="no MAC formula for Bilinear"):
         analytic_macs(nn.Sequential(nn.Linear(4, 4), Bilinear()), (2, 4))
+
+
+def test_mac_count_refers_to_the_implementation_that_runs(monkeypatch):
+    # KronLinear 16 -> 16 with A (4, 4), B (4, 4): factored 2 * 4 * 4 * 4 = 128 MACs per row
+    # (either order), dense 256
+    layer = KronLinear(16, 16, [(4, 4)], implementation="auto")
+    assert layer.analytic_macs((3, 16)) == 3 * 128  # auto before any forward: factored
+    layer.planned_implementation = "dense"
+    assert layer.analytic_macs((3, 16)) == 3 * 256  # a plan counts before the first forward
+    assert layer.analytic_macs((3, 16), implementation="factored") == 3 * 128
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton layers build on CPU only in the interpreter
+    triton = KronLinear(16, 16, [(4, 4)], implementation="triton")
+    assert triton.analytic_macs((1, 16)) == 128  # the fused kernel does the factored MACs
+    dense = KronLinear(16, 16, [(4, 4)], implementation="dense")
+    assert dense.analytic_macs((2, 16)) == 512
