@@ -57,10 +57,15 @@ def configure_allocator() -> str:
     On glibc: ``mallopt`` raises the mmap threshold to its maximum (32 MiB) and the trim
     threshold to 1 GiB, so per-call intermediates are recycled from the heap instead of being
     mapped and unmapped on each call. Elsewhere (macOS, Windows, a preloaded jemalloc/tcmalloc)
-    it changes nothing and says so.
+    it changes nothing and says so. ``KRON_ALLOCATOR=system`` in the environment opts out.
+    Called by kron's entrypoints, and by the Kronecker layers before their first CPU inference
+    (their speed there depends on it: docs/design.md, "Process set-up").
     """
     global _configured
     if _configured is not None:
+        return _configured
+    if os.environ.get("KRON_ALLOCATOR", "").lower() == "system":
+        _configured = "allocator: left as it is (KRON_ALLOCATOR=system)"
         return _configured
     preloaded = _preloaded_allocator()
     if preloaded:

@@ -455,3 +455,26 @@ def test_conv_cpu_inference_has_no_batch_sized_temporary(monkeypatch):
     # per-sample intermediates (this layer's are at most 4x a sample's output), never a batch's
     assert max(temporaries) <= 4 * y[0].numel() * 4 < y.numel() * 4 // 2
     torch.testing.assert_close(y.double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_inference_sets_up_the_allocator_once_and_training_does_not(monkeypatch):
+    import kron.runtime
+
+    calls = []
+    monkeypatch.setattr(kron.runtime, "configure_allocator", lambda: calls.append(1) or "x")
+    conv = KronConv2d(8, 8, 3, [(2, 2, 1, 1)], padding=1, implementation="factored")
+    x = torch.randn(2, 8, 5, 5)
+    conv(x).sum().backward()  # training: no allocator change
+    assert calls == []
+    with torch.no_grad():
+        conv(x)
+    assert calls == [1]
+
+
+def test_kron_allocator_system_opts_out(monkeypatch):
+    import kron.runtime
+
+    monkeypatch.setattr(kron.runtime, "_configured", None)
+    monkeypatch.setenv("KRON_ALLOCATOR", "system")
+    assert kron.runtime.configure_allocator() == (
+        "allocator: left as it is (KRON_ALLOCATOR=system)")
