@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -201,7 +202,10 @@ def _output_bytes(out: object) -> int:
 def _cpu_peak(fn: Callable[[], object]) -> tuple[int, object]:
     """Peak of the running sum of the CPU allocator's allocations and frees during ``fn``, as
     the PyTorch profiler records them (every allocation through c10's CPU allocator, op-internal
-    scratch space included); deterministic, unlike the process's resident size."""
+    scratch space included); deterministic, unlike the process's resident size. The profiler
+    library's own log lines (start/stop, a failed GPU probe) are silenced unless the user set
+    ``KINETO_LOG_LEVEL``."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events()
