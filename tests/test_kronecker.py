@@ -279,3 +279,22 @@ def test_inference_chunks_match_dense(monkeypatch, chunk_floats):
             torch.testing.assert_close(conv(x), ref)
             torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)),
                                        ref)
+
+
+def test_from_dense_keeps_a_missing_bias_missing_and_names_a_wrong_source():
+    lin = nn.Linear(16, 8, bias=False)
+    fitted = KronLinear.from_linear(lin, [(2, 4)])
+    assert fitted.bias is None
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fitted(x), F.linear(x, fitted.dense_weight()))
+    conv = nn.Conv2d(8, 8, 3, bias=False, padding=1)
+    assert KronConv2d.from_conv(conv, [(2, 2, 1, 1)]).bias is None
+    with pytest.raises(TypeError, match="from_linear expects nn.Linear, got Conv2d"):
+        KronLinear.from_linear(conv, [(2, 4)])
+
+
+def test_from_linear_fits_in_the_sources_dtype():
+    lin = nn.Linear(16, 8).double()
+    fitted = KronLinear.from_linear(lin, [(2, 4)] * 8)  # rank 8 = full rank of R(W): exact
+    assert all(p.dtype == torch.float64 for p in fitted.parameters())
+    torch.testing.assert_close(fitted.dense_weight(), lin.weight, rtol=0, atol=1e-12)
