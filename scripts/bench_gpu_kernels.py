@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,27 +53,12 @@ TARGETS = {
 
 def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, inner: int,
                 warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds per call of each callable (interleaved, rotated rounds)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        events = []
-        for name in order:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fns[name]()
-            end.record()
-            events.append((name, start, end))
-        torch.cuda.synchronize()
-        for name, start, end in events:
-            samples[name].append(start.elapsed_time(end) / inner)
-    return {n: statistics.median(s) for n, s in samples.items()}
+    """Median milliseconds per call of each callable: kron's one timer (interleaved, rotated
+    rounds, CUDA events, ``inner`` back-to-back calls per sample; kron.timing)."""
+    from kron.timing import median_times
+
+    times = median_times(fns, "cuda", warmup=warmup, repeats=rounds, number=inner)
+    return {name: seconds * 1e3 for name, seconds in times.items()}
 
 
 def working(fns: dict[str, Callable[[], object]], optional: set[str]) -> dict:

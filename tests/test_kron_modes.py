@@ -337,9 +337,7 @@ def test_grouped_conv_path_matches_reference(monkeypatch, terms, stride, padding
                                              channels_last):
     """The CUDA factored path for pointwise-A groups (grouped conv + 1x1 conv), forced on the
     CPU: values and gradients equal the torch.kron reference."""
-    from kron.layers import kronecker
-
-    from kron.layers import kron_conv_grouped
+    from kron.layers import kron_conv_grouped, kronecker
 
     monkeypatch.setattr(kronecker, "_GROUPED_CONV_DEVICES", ("cpu", "cuda"))
     calls = []

@@ -162,10 +162,9 @@ def test_measure_speed_latency_and_throughput_with_dtype(clock):
     assert model.seen == {(False, False, torch.bfloat16)}  # run under bf16 autocast
     without = measure_speed(model, dense, (3,), "cpu", latency_batch=2, warmup=0, repeats=1)
     assert without["latency_dtype"] == "float32" and without["latency_batch_size"] == 2
-    assert {k: without[k] for k in ("throughput_batch_size", "throughput_img_s",
-                                    "throughput_dense_img_s", "throughput_speedup")} == dict.fromkeys(
-        ("throughput_batch_size", "throughput_img_s", "throughput_dense_img_s",
-         "throughput_speedup"))
+    empty = ("throughput_batch_size", "throughput_img_s", "throughput_dense_img_s",
+             "throughput_speedup")
+    assert {k: without[k] for k in empty} == dict.fromkeys(empty)
     assert without["latency_threads"] == torch.get_num_threads()
 
 

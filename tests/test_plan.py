@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from kron.bench import paper_cases
-from kron.layers import KronConv2d, KronLinear, apply_plan, clear_plan, plan, planning
-from kron.layers import kronecker
+from kron.layers import KronConv2d, KronLinear, apply_plan, clear_plan, kronecker, plan, planning
 from kron.layers.common import conv_kwargs
 
 BENCH_JSON = Path(__file__).resolve().parents[1] / "docs" / "bench_cpu.json"

@@ -149,7 +149,7 @@ def test_mac_count_refers_to_the_implementation_that_runs(monkeypatch):
     layer.planned_implementation = "dense"
     assert layer.analytic_macs((3, 16)) == 3 * 256  # a plan counts before the first forward
     assert layer.analytic_macs((3, 16), implementation="factored") == 3 * 128
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton layers build on CPU only in the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU triton layers need the interpreter
     triton = KronLinear(16, 16, [(4, 4)], implementation="triton")
     assert triton.analytic_macs((1, 16)) == 128  # the fused kernel does the factored MACs
     dense = KronLinear(16, 16, [(4, 4)], implementation="dense")
