@@ -10,6 +10,7 @@ family through its budgets instead.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def _finish(fig, ax, *, have: bool, left_out: list[str], title: str, xlabel: str
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test error (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)  # long table titles wrap, not clip
     ax.grid(True, alpha=0.3, which="both")
     if have:
         ax.legend(fontsize=8, loc="best")
