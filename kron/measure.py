@@ -48,7 +48,7 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 def linear_macs(input_shape: Sequence[int], in_features: int, out_features: int) -> int:
     """MACs of a dense ``(..., in_features) -> (..., out_features)`` matmul (bias not counted)."""
-    return math.prod(int(s) for s in input_shape[:-1]) * int(in_features) * int(out_features)
+    return math.prod([int(s) for s in input_shape[:-1]]) * int(in_features) * int(out_features)
 
 
 def conv2d_macs(
@@ -71,7 +71,7 @@ def conv2d_macs(
     else:
         pad = (0, 0) if padding == "valid" else tuple(padding)
         ho, wo = conv_output_size(hw, kernel, tuple(stride), pad, tuple(dilation))
-    return int(input_shape[0]) * math.prod(int(s) for s in weight_shape) * ho * wo
+    return int(input_shape[0]) * math.prod([int(s) for s in weight_shape]) * ho * wo
 
 
 def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int | None:

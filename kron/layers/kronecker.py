@@ -49,6 +49,7 @@ from kron.layers.shapes import (
     linear_order,
     normalize_terms,
 )
+from kron.measure import conv2d_macs, linear_macs
 
 IMPLEMENTATIONS = ("auto", "factored", "dense", "triton")
 # Device types on which KronConv2d's factored path runs pointwise-A groups as one grouped conv
@@ -472,18 +473,21 @@ class KronLinear(_KroneckerSum):
                 _kron_matvec_into(x2[start:stop], a, b, out[start:stop], ws, accumulate=g > 0)
         return out
 
-    def workload(self, input_shape: Sequence[int], device_type: str) -> cost_model.Workload:
+    def _dense_macs(self, input_shape: Sequence[int]) -> int:
+        return linear_macs(input_shape, self.in_features, self.out_features)
+
+    def _group_macs(self, input_shape: Sequence[int]) -> list[int]:
+        """MACs of each shape group's factored forward on ``input_shape``."""
         rows = math.prod(input_shape[:-1])
-        groups = tuple(
-            cost_model.GroupCost("linear", linear_group_macs(a, b_shape_for(self.weight_shape, a),
-                                                             r, rows), 3)
-            for a, r in self.groups)
-        factored = {"factored": groups,
-                    "triton": tuple(cost_model.GroupCost("linear_triton", g.macs, 1)
-                                    for g in groups)}
-        return cost_model.Workload(rows * self.in_features * self.out_features,
-                                   math.prod(self.weight_shape), tuple(r for _, r in self.groups),
-                                   factored)
+        return [linear_group_macs(a, b_shape_for(self.weight_shape, a), r, rows)
+                for a, r in self.groups]
+
+    def workload(self, input_shape: Sequence[int], device_type: str) -> cost_model.Workload:
+        macs = self._group_macs(input_shape)
+        factored = {"factored": tuple(cost_model.GroupCost("linear", m, 3) for m in macs),
+                    "triton": tuple(cost_model.GroupCost("linear_triton", m, 1) for m in macs)}
+        return cost_model.Workload(self._dense_macs(input_shape), math.prod(self.weight_shape),
+                                   tuple(r for _, r in self.groups), factored)
 
     def _candidates(self, device_type: str) -> list[str]:
         candidates = ["factored", "dense"]
@@ -503,12 +507,9 @@ class KronLinear(_KroneckerSum):
 
     def analytic_macs(self, input_shape: Sequence[int], implementation: str | None = None) -> int:
         """Multiply-accumulates of the forward on ``input_shape`` (bias adds not counted)."""
-        rows = math.prod(input_shape[:-1])
         if self._macs_implementation(implementation) == "dense":
-            return rows * self.in_features * self.out_features
-        return sum(
-            linear_group_macs(a, b_shape_for(self.weight_shape, a), r, rows) for a, r in self.groups
-        )
+            return self._dense_macs(input_shape)
+        return sum(self._group_macs(input_shape))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -762,30 +763,32 @@ class KronConv2d(_KroneckerSum):
         return conv_output_size(tuple(hw), self.kernel_size, self.stride, self.padding,
                                 self.dilation)
 
+    def _dense_macs(self, input_shape: Sequence[int]) -> int:
+        return conv2d_macs(input_shape, self.weight_shape, self.stride, self.padding,
+                           self.dilation)
+
+    def _group_macs(self, input_shape: Sequence[int]) -> list[int]:
+        """MACs of each shape group's factored forward on ``(N, C, H, W)``."""
+        return [conv_group_macs(self.geometry, a, b_shape_for(self.weight_shape, a), r,
+                                input_shape) for a, r in self.groups]
+
     def workload(self, input_shape: Sequence[int], device_type: str) -> cost_model.Workload:
-        ho, wo = self.output_size(input_shape[2:])
+        grouped = (device_type in _GROUPED_CONV_DEVICES
+                   and "conv_grouped" in cost_model.constants_for(device_type).penalty)
         groups = []
-        for a, r in self.groups:
-            macs = conv_group_macs(self.geometry, a, b_shape_for(self.weight_shape, a), r,
-                                   input_shape)
-            kind = "conv_pointwise" if is_pointwise(a) else "conv_spatial"
-            if (kind == "conv_pointwise" and device_type in _GROUPED_CONV_DEVICES
-                    and "conv_grouped" in cost_model.constants_for(device_type).penalty):
-                kind = "conv_grouped"
+        for (a, _), macs in zip(self.groups, self._group_macs(input_shape)):
+            kind = "conv_spatial"
+            if is_pointwise(a):
+                kind = "conv_grouped" if grouped else "conv_pointwise"
             groups.append(cost_model.GroupCost(kind, macs, 3))
-        return cost_model.Workload(input_shape[0] * math.prod(self.weight_shape) * ho * wo,
-                                   math.prod(self.weight_shape), tuple(r for _, r in self.groups),
-                                   {"factored": tuple(groups)})
+        return cost_model.Workload(self._dense_macs(input_shape), math.prod(self.weight_shape),
+                                   tuple(r for _, r in self.groups), {"factored": tuple(groups)})
 
     def analytic_macs(self, input_shape: Sequence[int], implementation: str | None = None) -> int:
         """Multiply-accumulates of the forward on ``(N, C, H, W)`` (bias adds not counted)."""
         if self._macs_implementation(implementation) == "dense":
-            ho, wo = self.output_size(input_shape[2:])
-            return input_shape[0] * math.prod(self.weight_shape) * ho * wo
-        return sum(
-            conv_group_macs(self.geometry, a, b_shape_for(self.weight_shape, a), r, input_shape)
-            for a, r in self.groups
-        )
+            return self._dense_macs(input_shape)
+        return sum(self._group_macs(input_shape))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
