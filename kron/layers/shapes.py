@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kron.layers.common import conv_output_size, pair
+from kron.measure import conv2d_macs, linear_macs
 
 Shape = tuple[int, ...]
 
@@ -196,11 +197,10 @@ def factorizations(
     dims, geom = _layer_dims(layer)
     dense_params = math.prod(dims)
     if geom is None:
-        dense_macs: int | None = dense_params
+        dense_macs: int | None = linear_macs((1, dims[1]), dims[1], dims[0])
     elif input_hw is not None:
-        ho, wo = conv_output_size(tuple(input_hw), dims[2:], geom.stride, geom.padding,
-                                  geom.dilation)
-        dense_macs = dense_params * ho * wo
+        dense_macs = conv2d_macs((1, dims[1], *input_hw), dims, geom.stride, geom.padding,
+                                 geom.dilation)
     else:
         dense_macs = None
     out = []
