@@ -88,6 +88,21 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Calla
     return step
 
 
+def candidates(x: torch.Tensor, layers: dict[str, torch.nn.Module],
+               ops: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]
+               ) -> tuple[dict, dict]:
+    """Forward and forward+backward callables of each op (``name -> (fn, its inputs)``) and of
+    each layer on ``x``; layers whose first call fails are dropped with a line (:func:`working`)."""
+    fwd = {**{name: fn for name, (fn, _) in ops.items()},
+           **{name: (lambda m=m: m(x)) for name, m in layers.items()}}
+    train = {**{name: fwd_bwd(fn, inputs) for name, (fn, inputs) in ops.items()},
+             **{name: fwd_bwd(lambda m=m: m(x), [x, *m.parameters()])
+                for name, m in layers.items()}}
+    with torch.no_grad():
+        fwd = working(fwd, set(layers))
+    return fwd, working(train, set(layers))
+
+
 def linear_rows(rank: int, dtype: torch.dtype, n_rows: int, args) -> list[dict]:
     from kron.layers import KronLinear
     from kron.layers.triton_linear import kron_linear_triton
@@ -107,19 +122,9 @@ def linear_rows(rank: int, dtype: torch.dtype, n_rows: int, args) -> list[dict]:
             layers[f"KronLinear({impl})"] = layer
         except Exception as exc:  # the layer wiring is another module's; report, go on
             print(f"  KronLinear(implementation={impl!r}) unavailable: {exc}")
-    fwd = {
-        "dense F.linear": lambda: F.linear(x, w),
-        "triton kernel": lambda: kron_linear_triton(x, a, b),
-        **{name: (lambda m=m: m(x)) for name, m in layers.items()},
-    }
-    train = {
-        "dense F.linear": fwd_bwd(fwd["dense F.linear"], [x, w]),
-        "triton kernel": fwd_bwd(fwd["triton kernel"], [x, a, b]),
-        **{name: fwd_bwd(lambda m=m: m(x), [x, *m.parameters()]) for name, m in layers.items()},
-    }
-    with torch.no_grad():
-        fwd = working(fwd, set(layers))
-    train = working(train, set(layers))
+    fwd, train = candidates(x, layers, {"dense F.linear": (lambda: F.linear(x, w), [x, w]),
+                                        "triton kernel": (lambda: kron_linear_triton(x, a, b),
+                                                          [x, a, b])})
     with torch.no_grad():
         ref = F.linear(x, w)
         errs = {"triton kernel": rel_err(kron_linear_triton(x, a, b), ref)}
@@ -160,19 +165,9 @@ def conv_rows(dtype: torch.dtype, n: int, args) -> list[dict]:
         layers["KronConv2d(factored)"] = layer.to(memory_format=cl)
     except Exception as exc:
         print(f"  KronConv2d(implementation='factored') unavailable: {exc}")
-    fwd = {
-        "dense cuDNN": lambda: F.conv2d(x, w, padding=1),
-        "grouped+1x1": lambda: pointwise_kron_conv(x, a, b, 1, 1, 1),
-        **{name: (lambda m=m: m(x)) for name, m in layers.items()},
-    }
-    train = {
-        "dense cuDNN": fwd_bwd(fwd["dense cuDNN"], [x, w]),
-        "grouped+1x1": fwd_bwd(fwd["grouped+1x1"], [x, a, b]),
-        **{name: fwd_bwd(lambda m=m: m(x), [x, *m.parameters()]) for name, m in layers.items()},
-    }
-    with torch.no_grad():
-        fwd = working(fwd, set(layers))
-    train = working(train, set(layers))
+    fwd, train = candidates(x, layers, {
+        "dense cuDNN": (lambda: F.conv2d(x, w, padding=1), [x, w]),
+        "grouped+1x1": (lambda: pointwise_kron_conv(x, a, b, 1, 1, 1), [x, a, b])})
     with torch.no_grad():
         errs = {"grouped+1x1": rel_err(fwd["grouped+1x1"](), fwd["dense cuDNN"]())}
         times = time_rounds(fwd, args.rounds, args.inner)
