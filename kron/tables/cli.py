@@ -203,16 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default=None,
                         help="outputs root (default $KRON_OUTPUTS or outputs)")
+    launching = argparse.ArgumentParser(add_help=False)  # the commands that train runs
+    launching.add_argument("--redo", action="store_true",
+                           help="rerun what already has results.json")
+    launching.add_argument("--launcher", default="local",
+                           help="a configs/launcher/ name: local (default), joblib, slurm, "
+                                "slurm_cpu, submitit_local")
+    launching.add_argument("--dry-run", action="store_true",
+                           help="print the command, run nothing")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the declared tables").set_defaults(fn=cmd_list)
 
-    r = sub.add_parser("run", parents=[common], help="launch a table's runs (a Hydra multirun)")
+    r = sub.add_parser("run", parents=[common, launching],
+                       help="launch a table's runs (a Hydra multirun)")
     r.add_argument("table")
     r.add_argument("--rows", help="comma-separated row ids (default: all)")
-    r.add_argument("--redo", action="store_true", help="rerun rows that have results.json")
-    r.add_argument("--launcher", default="local",
-                   help="a configs/launcher/ name: local (default), joblib, slurm, slurm_cpu")
-    r.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     r.add_argument("--render", action="store_true", help="render the table afterwards")
     r.add_argument("--seeds", type=int, help="seeds 0..N-1 per row (default: the table's)")
     r.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     d.set_defaults(fn=cmd_render)
 
-    s = sub.add_parser("sweep", parents=[common],
+    s = sub.add_parser("sweep", parents=[common, launching],
                        help="train every Kronecker shape of layers within a budget")
     s.add_argument("name")
     s.add_argument("--layer", action="append", required=True,
@@ -238,13 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=1)
     s.add_argument("--max-points", type=int, default=40)
     s.add_argument("--seeds", type=int, help="seeds 0..N-1 per point (default 1)")
-    s.add_argument("--redo", action="store_true")
-    s.add_argument("--launcher", default="local", help="as for run")
-    s.add_argument("--dry-run", action="store_true")
     s.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     s.set_defaults(fn=cmd_sweep)
 
-    f = sub.add_parser("frontier", parents=[common],
+    f = sub.add_parser("frontier", parents=[common, launching],
                        help="each family at matched budgets: error vs params and vs speedup")
     f.add_argument("target", metavar="TABLE_OR_MODEL",
                    help="a declared table (its dense row and overrides) or a model config")
@@ -255,9 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and output layers)")
     f.add_argument("--seeds", type=int, help="seeds 0..N-1 per point (default 1)")
     f.add_argument("--max-runs", type=int, default=60)
-    f.add_argument("--redo", action="store_true")
-    f.add_argument("--launcher", default="local", help="as for run")
-    f.add_argument("--dry-run", action="store_true")
     f.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     f.set_defaults(fn=cmd_frontier)
 
