@@ -88,14 +88,20 @@ def _finish(fig, ax, *, have: bool, left_out: list[str], title: str, xlabel: str
     fig.tight_layout(rect=(0, 0.04, 1, 1) if left_out else (0, 0, 1, 1))
 
 
+def _start(rows: Sequence[dict[str, Any]], x_key: str) -> tuple[Any, Any, list, list[str]]:
+    """A new figure and axes, the rows that have both ``x_key`` and an error, and the ids of
+    those that do not (listed under the axes by :func:`_finish`)."""
+    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
+    left_out = [m["id"] for m in rows if m not in have]
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.4), dpi=110)
+    return fig, ax, have, left_out
+
+
 def tradeoff_figure(rows: Sequence[dict[str, Any]], x_key: str, *, title: str, xlabel: str,
                     maximize_x: bool, log_x: bool):
     """The figure of error against ``x_key``: one errorbar container per family present, the
     Pareto front as a line; rows without both numbers are listed under the axes."""
-    plt = _pyplot()
-    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
-    left_out = [m["id"] for m in rows if m not in have]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax, have, left_out = _start(rows, x_key)
     for fam, (marker, colour, label) in STYLE.items():
         pts = [m for m in have if m["family"] == fam]
         if pts:
@@ -120,10 +126,7 @@ def frontier_figure(rows: Sequence[dict[str, Any]], x_key: str, *, title: str, x
                     log_x: bool, vline: bool):
     """Error against ``x_key`` with one line (an errorbar container) per family through its
     budgets, sorted by x; dense rows are a horizontal reference line."""
-    plt = _pyplot()
-    have = [m for m in rows if m.get(x_key) is not None and m.get("test_err1") is not None]
-    left_out = [m["id"] for m in rows if m not in have]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax, have, left_out = _start(rows, x_key)
     for fam, (marker, colour, label) in STYLE.items():
         pts = sorted((m for m in have if m["family"] == fam), key=lambda m: _mean(m[x_key]))
         if not pts:
