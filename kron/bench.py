@@ -33,7 +33,7 @@ from kron.fileio import atomic_write_text
 from kron.layers import KronConv2d, KronLinear
 from kron.measure import count_macs, count_params, peak_memory
 from kron.runtime import configure_allocator
-from kron.timing import median_times, timer_name
+from kron.timing import median_times, timer_name, training_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KRON_PATHS = ("factored", "composed", "triton")  # what "auto" is compared against
@@ -99,12 +99,7 @@ def _fwd(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     params = [p for p in module.parameters() if p.requires_grad]
-
-    def run() -> object:
-        out = module(x)
-        return torch.autograd.grad(out, [x, *params], torch.ones_like(out))
-
-    return run
+    return training_step(lambda: module(x), [x, *params])
 
 
 def _kron_layers(dense: nn.Module, case: Case, device: torch.device) -> dict[str, nn.Module]:

@@ -107,3 +107,15 @@ def median_times(
     """Median seconds per call of each callable (see :func:`time_callables`)."""
     samples = time_callables(fns, device, warmup=warmup, repeats=repeats, number=number)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def training_step(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]
+                  ) -> Callable[[], object]:
+    """A callable that times one training step of ``fn``: its forward, then the gradients of
+    ``inputs`` (the input and the parameters that require grad) for an all-ones upstream
+    gradient. Used wherever forward+backward is timed (bench, layer plans, GPU benchmark)."""
+    def step() -> object:
+        out = fn()
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return step

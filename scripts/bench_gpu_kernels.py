@@ -80,23 +80,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
-    """One training step of ``fn``: forward, then the gradients of every input."""
-    def step():
-        y = fn()
-        return torch.autograd.grad(y, inputs, torch.ones_like(y))
-    return step
-
-
 def candidates(x: torch.Tensor, layers: dict[str, torch.nn.Module],
                ops: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]
                ) -> tuple[dict, dict]:
     """Forward and forward+backward callables of each op (``name -> (fn, its inputs)``) and of
     each layer on ``x``; layers whose first call fails are dropped with a line (:func:`working`)."""
+    from kron.timing import training_step
+
     fwd = {**{name: fn for name, (fn, _) in ops.items()},
            **{name: (lambda m=m: m(x)) for name, m in layers.items()}}
-    train = {**{name: fwd_bwd(fn, inputs) for name, (fn, inputs) in ops.items()},
-             **{name: fwd_bwd(lambda m=m: m(x), [x, *m.parameters()])
+    train = {**{name: training_step(fn, inputs) for name, (fn, inputs) in ops.items()},
+             **{name: training_step(lambda m=m: m(x), [x, *m.parameters()])
                 for name, m in layers.items()}}
     with torch.no_grad():
         fwd = working(fwd, set(layers))

@@ -253,3 +253,10 @@ def test_surgered_macs_subtracts_what_each_layer_saved():
     rows = [{"macs_before": 1000, "macs_after": 100}, {"macs_before": 50, "macs_after": 50}]
     assert surgered_macs(5000, rows) == 4100
     assert surgered_macs(5000, []) == 5000
+
+
+def test_training_step_returns_the_gradients_of_its_inputs():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    w = torch.tensor([3.0, -1.0], requires_grad=True)
+    gx, gw = timing.training_step(lambda: x * w, [x, w])()  # upstream gradient of ones
+    assert gx.tolist() == [3.0, -1.0] and gw.tolist() == [1.0, 2.0]

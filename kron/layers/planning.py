@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kron.layers.kronecker import _KroneckerSum
-from kron.timing import median_times
+from kron.timing import median_times, training_step
 
 
 def auto_layers(model: nn.Module) -> dict[str, _KroneckerSum]:
@@ -57,11 +57,7 @@ def _runner(layer: _KroneckerSum, x: torch.Tensor, impl: str,
         return infer
     xg = x.clone().requires_grad_(x.is_floating_point())
     inputs = [t for t in (xg, *layer.parameters()) if t.requires_grad]
-
-    def step() -> object:
-        out = layer.run_implementation(xg, impl)
-        return torch.autograd.grad(out, inputs, torch.ones_like(out))
-    return step
+    return training_step(lambda: layer.run_implementation(xg, impl), inputs)
 
 
 def measure_plan(model: nn.Module, example_input: torch.Tensor | tuple, training: bool,
