@@ -10,7 +10,7 @@ the differences, not of either row alone. Only complete (``ok``) runs enter the 
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +38,10 @@ class Stat:
         vals = [float(v) for v in values if v is not None]
         if not vals:
             return None
-        mean = math.fsum(vals) / len(vals)
+        mean = statistics.fmean(vals)
         if len(vals) == 1:
             return cls(mean, None, 1)
-        var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-        return cls(mean, math.sqrt(var), len(vals))
+        return cls(mean, statistics.stdev(vals), len(vals))  # the sample std (n - 1)
 
     @property
     def spread(self) -> float:
