@@ -10,7 +10,6 @@ from torch import nn
 
 from kron.layers.cp_als import cp_als, cp_exact
 from kron.layers.lowrank_base import LowRankConv2d, Stage
-from kron.layers.lowrank_checks import check_rank
 
 
 def cp_max_rank(out_channels: int, in_channels: int, kh: int, kw: int) -> int:
@@ -37,37 +36,16 @@ class CPConv2d(LowRankConv2d):
 
     init_order = ("weight_in", "weight_vertical", "weight_horizontal", "weight_out")
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        rank: int,
-        stride: int | Sequence[int] = 1,
-        padding: str | int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                    padding_mode)
-        g, (kh, kw) = self.args.groups, self.args.kernel_size
-        r = self.rank = self.init_terms = check_rank(
-            type(self).__name__, self._dims(), "rank", rank,
-            self.max_rank(in_channels, out_channels, kernel_size, g), g)
-        self._add("weight_in", (g * r, in_channels // g, 1, 1), device, dtype)
+    def _factors(self, device, dtype) -> tuple[Stage, ...]:
+        a, r = self.args, self.rank
+        g, (kh, kw) = a.groups, a.kernel_size
+        self._add("weight_in", (g * r, a.in_channels // g, 1, 1), device, dtype)
         self._add("weight_vertical", (g * r, 1, kh, 1), device, dtype)
         self._add("weight_horizontal", (g * r, 1, 1, kw), device, dtype)
-        self._add("weight_out", (out_channels, r, 1, 1), device, dtype)
-        self._add_bias(out_channels, bias, device, dtype)
-        self.stages = (Stage("weight_in", g), self._spatial("weight_vertical", g * r, "h"),
-                       self._spatial("weight_horizontal", g * r, "w", first=False),
-                       Stage("weight_out", g))
-        self.reset_parameters()
+        self._add("weight_out", (a.out_channels, r, 1, 1), device, dtype)
+        return (Stage("weight_in", g), self._spatial("weight_vertical", g * r, "h"),
+                self._spatial("weight_horizontal", g * r, "w", first=False),
+                Stage("weight_out", g))
 
     @classmethod
     def max_rank(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],

@@ -44,7 +44,7 @@ from torch import nn
 
 from kron.layers.common import factor_std, init_bias_, kaiming_std
 from kron.layers.conv_args import ConvArgs, batched
-from kron.layers.lowrank_checks import conv_input_dims
+from kron.layers.lowrank_checks import check_rank, conv_input_dims
 
 
 @dataclass(frozen=True)
@@ -119,18 +119,54 @@ def _arg(name: str) -> property:
 
 
 class LowRankConv2d(LowRankBase):
-    """A conv as a chain of grouped ``F.conv2d`` stages: the forward, the MAC count, the
-    composed weight and the per-group fit, for the subclasses that define the stages."""
+    """A conv as a chain of grouped ``F.conv2d`` stages: the constructor, the forward, the MAC
+    count, the composed weight and the per-group fit, for the subclasses that define the
+    factors (:meth:`_take_rank`, :meth:`_factors`, :meth:`_compose`).
+
+    The constructor takes what ``nn.Conv2d`` takes, in its order, with the rank after the
+    kernel size: ``rank`` per group (Tucker: ``ranks``).
+    """
 
     in_channels, out_channels, kernel_size = _arg("in_channels"), _arg("out_channels"), \
         _arg("kernel_size")
     stride, padding, dilation = _arg("stride"), _arg("padding"), _arg("dilation")
     groups, padding_mode = _arg("groups"), _arg("padding_mode")
+    stages: tuple[Stage, ...]
 
-    def _setup(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
-               dilation, groups: int, padding_mode: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        rank: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: str | int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
         self.args = ConvArgs.of(in_channels, out_channels, kernel_size, stride, padding,
                                 dilation, groups, padding_mode, layer=type(self).__name__)
+        self._take_rank(rank)
+        self.stages = self._factors(device, dtype)
+        self._add_bias(out_channels, bias, device, dtype)
+        self.reset_parameters()
+
+    def _take_rank(self, rank: int | Sequence[int]) -> None:
+        """Check ``rank`` against the class's ``max_rank`` (per group) and set ``rank`` and
+        ``init_terms``; Tucker, with a pair of ranks, overrides it."""
+        a = self.args
+        self.rank = self.init_terms = check_rank(
+            type(self).__name__, self._dims(), "rank", rank,
+            self.max_rank(a.in_channels, a.out_channels, a.kernel_size, a.groups), a.groups)
+
+    def _factors(self, device, dtype) -> tuple[Stage, ...]:  # pragma: no cover - subclasses
+        """Register the factor parameters; return the stages that apply them."""
+        raise NotImplementedError
 
     @classmethod
     def group_shape(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],

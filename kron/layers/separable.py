@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kron.layers.lowrank_base import LowRankConv2d
-from kron.layers.lowrank_checks import check_rank, svd64
+from kron.layers.lowrank_base import LowRankConv2d, Stage
+from kron.layers.lowrank_checks import svd64
 
 
 class SeparableConv2d(LowRankConv2d):
@@ -25,34 +25,13 @@ class SeparableConv2d(LowRankConv2d):
 
     init_order = ("weight_vertical", "weight_horizontal")
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        rank: int,
-        stride: int | Sequence[int] = 1,
-        padding: str | int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                    padding_mode)
-        g, (kh, kw) = self.args.groups, self.args.kernel_size
-        self.rank = self.init_terms = check_rank(
-            type(self).__name__, self._dims(), "rank", rank,
-            self.max_rank(in_channels, out_channels, kernel_size, g), g)
-        self._add("weight_vertical", (g * self.rank, in_channels // g, kh, 1), device, dtype)
-        self._add("weight_horizontal", (out_channels, self.rank, 1, kw), device, dtype)
-        self._add_bias(out_channels, bias, device, dtype)
-        self.stages = (self._spatial("weight_vertical", g, "h"),
-                       self._spatial("weight_horizontal", g, "w", first=False))
-        self.reset_parameters()
+    def _factors(self, device, dtype) -> tuple[Stage, ...]:
+        a = self.args
+        g, (kh, kw) = a.groups, a.kernel_size
+        self._add("weight_vertical", (g * self.rank, a.in_channels // g, kh, 1), device, dtype)
+        self._add("weight_horizontal", (a.out_channels, self.rank, 1, kw), device, dtype)
+        return (self._spatial("weight_vertical", g, "h"),
+                self._spatial("weight_horizontal", g, "w", first=False))
 
     @classmethod
     def max_rank(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],

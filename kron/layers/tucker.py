@@ -34,40 +34,34 @@ class TuckerConv2d(LowRankConv2d):
 
     init_order = ("weight_in", "weight_core", "weight_out")
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        ranks: Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: str | int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                    padding_mode)
-        g, (kh, kw) = self.args.groups, self.args.kernel_size
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 ranks: Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: str | int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        """As :class:`LowRankConv2d`, with ``ranks = (input_rank, output_rank)`` per group."""
+        super().__init__(in_channels, out_channels, kernel_size, ranks, stride, padding,
+                         dilation, groups, bias, padding_mode, device, dtype)
+
+    def _take_rank(self, ranks: Sequence[int]) -> None:
+        a, name = self.args, type(self).__name__
         if not isinstance(ranks, Sequence) or isinstance(ranks, str) or len(ranks) != 2:
-            raise FactorizationError(f"TuckerConv2d({self._dims()}): ranks must be "
+            raise FactorizationError(f"{name}({self._dims()}): ranks must be "
                                      f"(input_rank, output_rank), got {ranks!r}")
-        top = self.max_rank(in_channels, out_channels, kernel_size, g)
-        r_in = check_rank("TuckerConv2d", self._dims(), "input_rank", ranks[0], top.input_rank, g)
-        r_out = check_rank("TuckerConv2d", self._dims(), "output_rank", ranks[1],
-                           top.output_rank, g)
+        top = self.max_rank(a.in_channels, a.out_channels, a.kernel_size, a.groups)
+        r_in = check_rank(name, self._dims(), "input_rank", ranks[0], top.input_rank, a.groups)
+        r_out = check_rank(name, self._dims(), "output_rank", ranks[1], top.output_rank,
+                           a.groups)
         self.ranks, self.init_terms = (r_in, r_out), r_in * r_out
-        self._add("weight_in", (g * r_in, in_channels // g, 1, 1), device, dtype)
+
+    def _factors(self, device, dtype) -> tuple[Stage, ...]:
+        (r_in, r_out), a = self.ranks, self.args
+        g, (kh, kw) = a.groups, a.kernel_size
+        self._add("weight_in", (g * r_in, a.in_channels // g, 1, 1), device, dtype)
         self._add("weight_core", (g * r_out, r_in, kh, kw), device, dtype)
-        self._add("weight_out", (out_channels, r_out, 1, 1), device, dtype)
-        self._add_bias(out_channels, bias, device, dtype)
-        self.stages = (Stage("weight_in", g), self._spatial("weight_core", g),
-                       Stage("weight_out", g))
-        self.reset_parameters()
+        self._add("weight_out", (a.out_channels, r_out, 1, 1), device, dtype)
+        return (Stage("weight_in", g), self._spatial("weight_core", g), Stage("weight_out", g))
 
     @classmethod
     def max_rank(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],

@@ -1,5 +1,6 @@
 """Written once, before the low-rank rewrite, from the code at commit e907d80."""
 import torch
+
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 
 torch.manual_seed(1234)
