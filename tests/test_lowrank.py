@@ -803,3 +803,22 @@ def test_compile_fullgraph_with_groups_and_padding_modes(kind):
     layer, x = nn_style_layer(kind)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert_same(grads(layer, x, compiled), grads(layer, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modes_with_groups_and_padding_modes(kind):
+    """inference_mode, channels_last and CPU autocast on the layers' new arguments (the pad
+    between stages must keep the memory format and the autocast dtype)."""
+    layer, x = nn_style_layer(kind)
+    eager = grads(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), eager["out"], rtol=0, atol=0)
+    if kind != "linear":
+        batch = x[None].to(memory_format=torch.channels_last)
+        twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(twin(batch)[0], eager["out"], rtol=1e-12, atol=1e-12)
+    layer, x = layer.float(), x.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    bf16_close(out, eager["out"].float(), STAGES[kind])

@@ -127,10 +127,14 @@ class LowRankConv2d(LowRankBase):
     kernel size: ``rank`` per group (Tucker: ``ranks``).
     """
 
-    in_channels, out_channels, kernel_size = _arg("in_channels"), _arg("out_channels"), \
-        _arg("kernel_size")
-    stride, padding, dilation = _arg("stride"), _arg("padding"), _arg("dilation")
-    groups, padding_mode = _arg("groups"), _arg("padding_mode")
+    in_channels = _arg("in_channels")
+    out_channels = _arg("out_channels")
+    kernel_size = _arg("kernel_size")
+    stride = _arg("stride")
+    padding = _arg("padding")
+    dilation = _arg("dilation")
+    groups = _arg("groups")
+    padding_mode = _arg("padding_mode")
     stages: tuple[Stage, ...]
 
     def __init__(
