@@ -685,6 +685,8 @@ def test_state_dict_saved_before_the_rewrite_loads_unchanged(kind):
     saved = torch.load(V1, weights_only=True)[kind]
     layer = V1_CLASSES[kind](**saved["kwargs"], dtype=F64)
     layer.load_state_dict(saved["state_dict"])  # strict: no key missing or unexpected
+    # and the same parameter order: an optimizer's saved state is indexed by it
+    assert list(saved["state_dict"]) == [name for name, _ in layer.named_parameters()]
     with torch.no_grad():
         torch.testing.assert_close(layer(saved["input"]), saved["output"], rtol=1e-12, atol=1e-14)
 
