@@ -1,4 +1,6 @@
-"""Written once, before the low-rank rewrite, from the code at commit e907d80."""
+"""How tests/data/lowrank_v1.pt was written: once, with the low-rank layers as they were before
+the rewrite onto kron/layers/lowrank_base.py (commit e907d80). Do not rerun it on newer code: the
+file's point is to hold what the old code produced (run from the repository root)."""
 import torch
 
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
