@@ -453,7 +453,8 @@ def test_macs_rejects_wrong_input_shape():
     "build,parts",
     [
         (lambda: LowRankLinear(12, 9, 0), ["in_features=12, out_features=9", "rank=0", "1..9"]),
-        (lambda: LowRankLinear(12, 9, 10), ["rank=10 is out of range; valid ranks are 1..9"]),
+        (lambda: LowRankLinear(12, 9, 10),
+         ["rank=10 is out of range; nearest that works: rank=9; valid ranks are 1..9"]),
         (lambda: SeparableConv2d(4, 5, (3, 2), 13), ["kernel_size=(3, 2)", "rank=13", "1..10"]),
         (lambda: CPConv2d(4, 5, 3, 37), ["in_channels=4, out_channels=5", "rank=37", "1..36"]),
         (lambda: CPConv2d(4, 5, 3, 0), ["rank=0", "1..36"]),
@@ -762,12 +763,13 @@ def test_max_rank_is_the_constructors_bound(kind):
     "build,parts",
     [
         (lambda: SeparableConv2d(4, 6, 3, 10, groups=2),
-         ["SeparableConv2d(", "groups=2", "rank=10 is out of range", "1..6 per group (groups=2)",
-          "nearest that works: rank=6"]),
+         ["SeparableConv2d(", "groups=2", "rank=10 is out of range",
+          "valid ranks per group (groups=2) are 1..6", "nearest that works: rank=6"]),
         (lambda: CPConv2d(4, 4, 3, 100, groups=4),
-         ["groups=4", "valid ranks are 1..3 per group", "nearest that works: rank=3"]),
+         ["groups=4", "valid ranks per group (groups=4) are 1..3", "nearest that works: rank=3"]),
         (lambda: TuckerConv2d(4, 6, 3, (3, 1), groups=2),
-         ["input_rank=3", "1..2 per group", "nearest that works: input_rank=2"]),
+         ["input_rank=3", "input_ranks per group (groups=2) are 1..2",
+          "nearest that works: input_rank=2"]),
         (lambda: LowRankLinear(12, 9, 0), ["nearest that works: rank=1"]),
     ],
 )

@@ -14,19 +14,19 @@ from kron.layers.errors import FactorizationError
 def check_rank(layer: str, dims: str, name: str, rank: object, max_rank: int,
                groups: int = 1) -> int:
     """``rank`` as an int if it lies in ``1..max_rank``; else a one-line
-    :class:`~kron.layers.errors.FactorizationError` naming the layer, the range (per group when
-    ``groups > 1``) and the nearest rank that works."""
+    :class:`~kron.layers.errors.FactorizationError` naming the layer, the nearest rank that
+    works and the range (per group when ``groups > 1``), last, so that callers can quote it."""
     try:
         value = None if isinstance(rank, bool) else operator.index(rank)
     except TypeError:
         value = None
     if value is not None and 1 <= value <= max_rank:
         return value
+    nearest = f"; nearest that works: {name}={min(max(value, 1), max_rank)}" \
+        if value is not None else ""
     scope = f" per group (groups={groups})" if groups > 1 else ""
-    nearest = f"; nearest that works: {name}={min(max(value, 1), max_rank)}" if value is not None \
-        else ""
-    raise FactorizationError(f"{layer}({dims}): {name}={rank!r} is out of range; valid {name}s "
-                             f"are 1..{max_rank}{scope}{nearest}")
+    raise FactorizationError(f"{layer}({dims}): {name}={rank!r} is out of range{nearest}; "
+                             f"valid {name}s{scope} are 1..{max_rank}")
 
 
 def conv_input_dims(layer: str, in_channels: int,
