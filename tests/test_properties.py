@@ -254,8 +254,9 @@ def test_kron_conv_rejects_grouped_convolutions(data, groups):
     f = groups * data.draw(st.integers(1, 3))
     conv = nn.Conv2d(c, f, 3, groups=groups)
     terms = [(1, 1, 1, 1)]
-    # the low-rank layers take groups since issue 16 (tests/test_layer_matrix_lowrank.py)
-    for build in (lambda: KronConv2d.from_conv(conv, terms),):
+    for build in (lambda: KronConv2d.from_conv(conv, terms),
+                  lambda: SeparableConv2d.from_conv(conv, 1), lambda: CPConv2d.from_conv(conv, 1),
+                  lambda: TuckerConv2d.from_conv(conv, (1, 1))):
         with pytest.raises(ValueError, match=f"groups=1 .*got groups={groups}") as info:
             build()
         assert "\n" not in str(info.value)
