@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kron.layers.cp import CPConv2d, cp_max_rank
 from kron.layers.cp_als import cp_als, cp_exact, cp_to_tensor
+from kron.layers.errors import FactorizationError
 from kron.layers.lowrank import LowRankLinear, SeparableConv2d, TuckerConv2d
 
 F64 = torch.float64
@@ -334,22 +336,37 @@ def test_from_conv_keeps_geometry_dtype_bias(kind, bias):
         else cp_max_rank(6, 4, 3, 3)
     )
     layer = type(layer).from_conv(same, full)
-    assert layer.padding == (2, 2)
+    assert layer.padding == same.padding == "same"  # kept as given, as nn.Conv2d keeps it
     torch.testing.assert_close(layer(x), same(x))
 
 
 @pytest.mark.parametrize("cls", [SeparableConv2d, CPConv2d, TuckerConv2d])
 @pytest.mark.parametrize(
-    "conv,match",
+    "conv",
     [
-        (nn.Conv2d(4, 6, 3, groups=2), "groups"),
-        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), "padding_mode"),
-        (nn.Conv2d(4, 6, 2, padding="same"), "asymmetric"),
+        nn.Conv2d(4, 6, 3, groups=2, dtype=F64),
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dtype=F64),
+        nn.Conv2d(4, 6, 2, padding="same", dtype=F64),
     ],
+    ids=["groups", "reflect", "asymmetric-same"],
 )
-def test_from_conv_rejects_unsupported(cls, conv, match):
-    with pytest.raises(ValueError, match=match):
-        cls.from_conv(conv, (2, 2) if cls is TuckerConv2d else 2)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's reference
+def test_from_conv_takes_what_was_refused_before(cls, conv):
+    """Grouped convs, padding modes and asymmetric 'same' were refused before the rewrite; now
+    they are fitted, and at max_rank exactly."""
+    top = cls.max_rank(conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
+    layer = cls.from_conv(conv, (top.input_rank, top.output_rank) if cls is TuckerConv2d else top)
+    x = torch.randn(2, 4, 6, 7, dtype=F64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [SeparableConv2d, CPConv2d, TuckerConv2d, LowRankLinear])
+def test_from_dense_refuses_the_wrong_source_type(cls):
+    fit = cls.from_linear if cls is LowRankLinear else cls.from_conv
+    wrong = nn.Conv1d(4, 6, 3) if cls is not LowRankLinear else nn.Conv2d(4, 6, 1)
+    with pytest.raises(FactorizationError, match=rf"{cls.__name__}.*expected an nn\.") as info:
+        fit(wrong, (1, 1) if cls is TuckerConv2d else 1)
+    assert "\n" not in str(info.value)
 
 
 # --- initialisation ---------------------------------------------------------------------------
@@ -362,6 +379,8 @@ def test_from_conv_rejects_unsupported(cls, conv, match):
         (lambda: SeparableConv2d(64, 96, 3, 48), 64 * 9),
         (lambda: CPConv2d(64, 96, 3, 128), 64 * 9),
         (lambda: TuckerConv2d(64, 96, 3, (32, 48)), 64 * 9),
+        (lambda: CPConv2d(64, 96, 3, 32, groups=4), 16 * 9),  # fan_in is per group
+        (lambda: TuckerConv2d(64, 96, 3, (8, 12), groups=4), 16 * 9),
     ],
 )
 def test_init_variance_matches_pytorch_default(build, fan_in):
@@ -434,7 +453,8 @@ def test_macs_rejects_wrong_input_shape():
     "build,parts",
     [
         (lambda: LowRankLinear(12, 9, 0), ["in_features=12, out_features=9", "rank=0", "1..9"]),
-        (lambda: LowRankLinear(12, 9, 10), ["rank=10 is out of range; valid ranks are 1..9"]),
+        (lambda: LowRankLinear(12, 9, 10),
+         ["rank=10 is out of range; nearest that works: rank=9; valid ranks are 1..9"]),
         (lambda: SeparableConv2d(4, 5, (3, 2), 13), ["kernel_size=(3, 2)", "rank=13", "1..10"]),
         (lambda: CPConv2d(4, 5, 3, 37), ["in_channels=4, out_channels=5", "rank=37", "1..36"]),
         (lambda: CPConv2d(4, 5, 3, 0), ["rank=0", "1..36"]),
@@ -650,3 +670,159 @@ EXPECTED_KEYS = {
     "cp": {"weight_in", "weight_vertical", "weight_horizontal", "weight_out", "bias"},
     "tucker": {"weight_in", "weight_core", "weight_out", "bias"},
 }
+
+
+# --- checkpoints from before the rewrite, groups, refusals ---------------------------------------
+
+V1 = Path(__file__).parent / "data" / "lowrank_v1.pt"
+V1_CLASSES = {"linear": LowRankLinear, "separable": SeparableConv2d, "cp": CPConv2d,
+              "tucker": TuckerConv2d}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_saved_before_the_rewrite_loads_unchanged(kind):
+    """tests/data/lowrank_v1.pt was written by tests/data/make_lowrank_v1.py with the layers as
+    they were before the shared base (commit e907d80): same keys, shapes and outputs."""
+    saved = torch.load(V1, weights_only=True)[kind]
+    layer = V1_CLASSES[kind](**saved["kwargs"], dtype=F64)
+    layer.load_state_dict(saved["state_dict"])  # strict: no key missing or unexpected
+    # and the same parameter order: an optimizer's saved state is indexed by it
+    assert list(saved["state_dict"]) == [name for name, _ in layer.named_parameters()]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(saved["input"]), saved["output"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [SeparableConv2d, CPConv2d, TuckerConv2d])
+@pytest.mark.parametrize("groups,c,f", [(2, 4, 6), (3, 3, 6)])
+def test_grouped_fit_is_each_group_fitted_alone(cls, groups, c, f):
+    """A grouped conv is ``groups`` independent convs: its fit equals fitting each group's
+    ``(F/g, C/g, kh, kw)`` kernel as an ungrouped conv, below full rank too."""
+    torch.manual_seed(16)
+    conv = nn.Conv2d(c, f, (3, 2), groups=groups, dtype=F64)
+    rank = (1, 2) if cls is TuckerConv2d else 2
+    sweeps = {"n_iter_max": 30} if cls is CPConv2d else {}  # ALS is deterministic: any count
+    whole = cls.from_conv(conv, rank, **sweeps).dense_weight().detach()
+    for g, block in enumerate(conv.weight.detach().chunk(groups)):
+        alone = nn.Conv2d(c // groups, f // groups, (3, 2), dtype=F64)
+        with torch.no_grad():
+            alone.weight.copy_(block)
+        expected = cls.from_conv(alone, rank, **sweeps).dense_weight().detach()
+        torch.testing.assert_close(whole.chunk(groups)[g], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_separable_fit_is_optimal_per_group():
+    torch.manual_seed(17)
+    conv = nn.Conv2d(4, 6, (3, 2), groups=2, dtype=F64)
+    layer = SeparableConv2d.from_conv(conv, 2)
+    w = conv.weight.detach().reshape(2, 3, 2, 3, 2)  # (g, f, c, i, j)
+    s = torch.linalg.svdvals(w.permute(0, 2, 3, 1, 4).reshape(2, 2 * 3, 3 * 2))
+    err = float(((layer.dense_weight() - conv.weight).detach() ** 2).sum())
+    assert err == pytest.approx(float((s[:, 2:] ** 2).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "got,want",
+    [
+        (lambda: LowRankLinear.max_rank(7, 5), 5),
+        (lambda: SeparableConv2d.max_rank(4, 6, (3, 2)), min(4 * 3, 6 * 2)),
+        (lambda: SeparableConv2d.max_rank(4, 6, (3, 2), groups=2), min(2 * 3, 3 * 2)),
+        (lambda: CPConv2d.max_rank(6, 4, 3), 4 * 6 * 3 * 3 // 6),
+        (lambda: CPConv2d.max_rank(8, 16, (3, 1), groups=8), 2 * 1 * 3 * 1 // 3),
+        (lambda: TuckerConv2d.max_rank(4, 6, 3), (6, 4)),  # (output_rank, input_rank)
+        (lambda: TuckerConv2d.max_rank(4, 6, 3, groups=2).input_rank, 2),
+    ],
+)
+def test_max_rank(got, want):
+    assert got() == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_max_rank_is_the_constructors_bound(kind):
+    """``max_rank`` builds; one more is refused (per group, depthwise included)."""
+    if kind == "linear":
+        top = LowRankLinear.max_rank(6, 4)
+        LowRankLinear(6, 4, top)
+        with pytest.raises(FactorizationError):
+            LowRankLinear(6, 4, top + 1)
+        return
+    cls = V1_CLASSES[kind]
+    for c, f, groups in [(4, 6, 1), (4, 6, 2), (4, 8, 4)]:
+        top = cls.max_rank(c, f, (3, 2), groups)
+        if cls is TuckerConv2d:
+            cls(c, f, (3, 2), (top.input_rank, top.output_rank), groups=groups)
+            for bad in [(top.input_rank + 1, 1), (1, top.output_rank + 1)]:
+                with pytest.raises(FactorizationError):
+                    cls(c, f, (3, 2), bad, groups=groups)
+        else:
+            cls(c, f, (3, 2), top, groups=groups)
+            with pytest.raises(FactorizationError):
+                cls(c, f, (3, 2), top + 1, groups=groups)
+
+
+@pytest.mark.parametrize(
+    "build,parts",
+    [
+        (lambda: SeparableConv2d(4, 6, 3, 10, groups=2),
+         ["SeparableConv2d(", "groups=2", "rank=10 is out of range",
+          "valid ranks per group (groups=2) are 1..6", "nearest that works: rank=6"]),
+        (lambda: CPConv2d(4, 4, 3, 100, groups=4),
+         ["groups=4", "valid ranks per group (groups=4) are 1..3", "nearest that works: rank=3"]),
+        (lambda: TuckerConv2d(4, 6, 3, (3, 1), groups=2),
+         ["input_rank=3", "input_ranks per group (groups=2) are 1..2",
+          "nearest that works: input_rank=2"]),
+        (lambda: LowRankLinear(12, 9, 0), ["nearest that works: rank=1"]),
+    ],
+)
+def test_rank_refusal_names_groups_and_the_nearest_rank(build, parts):
+    with pytest.raises(FactorizationError) as info:
+        build()
+    text = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in text
+    assert all(part in text for part in parts), text
+
+
+def nn_style_layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A grouped layer with reflect padding of an even kernel ('same': asymmetric) and an
+    unbatched input: the arguments that were refused before the rewrite."""
+    torch.manual_seed(18)
+    if kind == "linear":
+        return LowRankLinear(6, 4, 2, dtype=F64), torch.randn(6, dtype=F64)
+    cls = V1_CLASSES[kind]
+    rank = {"ranks": (1, 2)} if cls is TuckerConv2d else {"rank": 2}
+    layer = cls(4, 6, (2, 3), **rank, padding="same", groups=2, padding_mode="reflect",
+                dtype=F64)
+    return layer, torch.randn(4, 7, 8, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_equals_eager_with_groups_and_padding_modes(kind):
+    layer, x = nn_style_layer(kind)
+    exported = torch.export.export(layer, (x,))
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_with_groups_and_padding_modes(kind):
+    torch._dynamo.reset()
+    layer, x = nn_style_layer(kind)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_same(grads(layer, x, compiled), grads(layer, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modes_with_groups_and_padding_modes(kind):
+    """inference_mode, channels_last and CPU autocast on the layers' new arguments (the pad
+    between stages must keep the memory format and the autocast dtype)."""
+    layer, x = nn_style_layer(kind)
+    eager = grads(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), eager["out"], rtol=0, atol=0)
+    if kind != "linear":
+        batch = x[None].to(memory_format=torch.channels_last)
+        twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(twin(batch)[0], eager["out"], rtol=1e-12, atol=1e-12)
+    layer, x = layer.float(), x.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    bf16_close(out, eager["out"].float(), STAGES[kind])

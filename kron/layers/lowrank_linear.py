@@ -6,16 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kron.layers.common import factor_std, init_bias_, kaiming_std
+from kron.layers.errors import FactorizationError
+from kron.layers.lowrank_base import LowRankBase
 from kron.layers.lowrank_checks import check_rank, linear_batch, svd64
 
 
-class LowRankLinear(nn.Module):
-    """``y = x V^T U^T + b`` with ``U: (out, rank)``, ``V: (rank, in)``; two matmuls, W never built.
+class LowRankLinear(LowRankBase):
+    """``y = x V^T U^T + b`` with ``U: (out, rank)``, ``V: (rank, in)``; two matmuls, W never
+    built. Takes any leading dims, a 1-D ``(in,)`` input included, as ``nn.Linear`` does.
 
     ``from_linear`` fits ``U V`` by truncated SVD, the best rank-r approximation in Frobenius
-    norm (Eckart-Young). With ``rank = min(in, out)`` it reproduces the dense layer.
+    norm (Eckart-Young). With ``rank = max_rank(in, out) = min(in, out)`` it reproduces the
+    dense layer.
     """
+
+    init_order = ("weight_u", "weight_v")
 
     def __init__(
         self,
@@ -27,26 +32,26 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.rank = check_rank(
-            "LowRankLinear",
-            f"in_features={in_features}, out_features={out_features}",
-            "rank",
-            rank,
-            min(in_features, out_features),
-        )
-        self.weight_v = nn.Parameter(torch.empty(self.rank, in_features, **kw))
-        self.weight_u = nn.Parameter(torch.empty(out_features, self.rank, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.rank = self.init_terms = check_rank(
+            type(self).__name__, self._geometry_repr(), "rank", rank,
+            self.max_rank(in_features, out_features))
+        self._add("weight_v", (self.rank, in_features), device, dtype)
+        self._add("weight_u", (out_features, self.rank), device, dtype)
+        self._add_bias(out_features, bias, device, dtype)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Normal factors with ``rank * Var(U) * Var(V) = 1 / (3 in)``, PyTorch's default."""
-        std = factor_std(kaiming_std(self.in_features), 2, self.rank)
-        nn.init.normal_(self.weight_u, 0.0, std)
-        nn.init.normal_(self.weight_v, 0.0, std)
-        init_bias_(self.bias, self.in_features)
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int) -> int:
+        """``min(in, out)``, the rank of an ``(out, in)`` matrix."""
+        if min(in_features, out_features) <= 0:
+            raise ValueError(f"{cls.__name__}: in_features and out_features must be positive, "
+                             f"got {in_features} and {out_features}")
+        return min(in_features, out_features)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.weight_v), self.weight_u, self.bias)
@@ -57,7 +62,7 @@ class LowRankLinear(nn.Module):
 
     def analytic_macs(self, input_shape: tuple[int, ...]) -> int:
         """Multiply-accumulates of the two matmuls for an input ``(*, in)``; bias not counted."""
-        rows = linear_batch("LowRankLinear", self.in_features, input_shape)
+        rows = linear_batch(type(self).__name__, self.in_features, input_shape)
         return rows * self.rank * (self.in_features + self.out_features)
 
     @classmethod
@@ -66,28 +71,17 @@ class LowRankLinear(nn.Module):
 
         The singular values are split evenly, ``U = P sqrt(S)``, ``V = sqrt(S) Q^T``.
         """
+        if not isinstance(linear, nn.Linear):
+            raise FactorizationError(f"{cls.__name__}.from_linear: expected an nn.Linear, got "
+                                     f"{type(linear).__name__}")
         weight = linear.weight
-        out_features, in_features = weight.shape
-        layer = cls(
-            in_features,
-            out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        rank = layer.rank
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
         p, s, qh = svd64(weight)
-        root = s[:rank].sqrt()
-        with torch.no_grad():
-            layer.weight_u.copy_(p[:, :rank] * root)
-            layer.weight_v.copy_(root[:, None] * qh[:rank])
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias)
+        root = s[: layer.rank].sqrt()
+        layer._load({"weight_u": p[:, : layer.rank] * root,
+                     "weight_v": root[:, None] * qh[: layer.rank]}, linear.bias)
         return layer
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, bias={self.bias is not None}"
-        )
+    def _geometry_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -3,139 +3,99 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kron.layers.common import (
-    conv_geometry,
-    conv_output_size,
-    factor_std,
-    init_bias_,
-    kaiming_std,
-)
-from kron.layers.lowrank_checks import (
-    check_rank,
-    conv_input_dims,
-    conv_kwargs,
-    svd64,
-)
+from kron.layers.errors import FactorizationError
+from kron.layers.lowrank_base import LowRankConv2d, Stage
+from kron.layers.lowrank_checks import check_rank, svd64
 
 
-class TuckerConv2d(nn.Module):
-    """1x1 conv ``C -> R_in``, ``kh x kw`` core ``R_in -> R_out``, 1x1 ``R_out -> F`` (+ bias).
+class TuckerMaxRank(NamedTuple):
+    """The largest Tucker-2 ranks, ``(output_rank, input_rank)`` (the factory's order)."""
 
-    Kernel ``W[f, c, i, j] = sum_{a, b} U_out[f, b] G[b, a, i, j] U_in[a, c]``: a Tucker
-    decomposition in the two channel modes only (Tucker-2). ``ranks = (R_in, R_out)`` with
-    ``1 <= R_in <= C``, ``1 <= R_out <= F``. The core takes the layer's stride, padding and
-    dilation; the 1x1 convs have no bias, so the layer equals ``F.conv2d(x, dense_weight(), ...)``.
+    output_rank: int
+    input_rank: int
+
+
+class TuckerConv2d(LowRankConv2d):
+    """1x1 conv ``C -> R_in``, ``kh x kw`` core ``R_in -> R_out``, 1x1 ``R_out -> F`` (+ bias),
+    per group.
+
+    Each group's kernel is ``W[f, c, i, j] = sum_{a, b} U_out[f, b] G[b, a, i, j] U_in[a, c]``:
+    a Tucker decomposition in the two channel modes only (Tucker-2). ``ranks = (R_in, R_out)``
+    per group, ``1 <= R_in <= C/g``, ``1 <= R_out <= F/g``. The core takes the layer's stride,
+    padding and dilation, so the layer equals ``nn.Conv2d`` holding ``dense_weight()``.
+    Parameters: ``weight_in (g*R_in, C/g, 1, 1)``, ``weight_core (g*R_out, R_in, kh, kw)``,
+    ``weight_out (F, R_out, 1, 1)``, ``bias (F,)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Sequence[int],
-        ranks: Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: str | int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        kw = dict(device=device, dtype=dtype)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
-            kernel_size, stride, padding, dilation)
-        kh, kwd = self.kernel_size
-        dims = (
-            f"in_channels={in_channels}, out_channels={out_channels}, "
-            f"kernel_size={self.kernel_size}"
-        )
+    init_order = ("weight_in", "weight_core", "weight_out")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 ranks: Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: str | int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        """As :class:`LowRankConv2d`, with ``ranks = (input_rank, output_rank)`` per group."""
+        super().__init__(in_channels, out_channels, kernel_size, ranks, stride, padding,
+                         dilation, groups, bias, padding_mode, device, dtype)
+
+    def _take_rank(self, ranks: Sequence[int]) -> None:
+        a, name = self.args, type(self).__name__
         if not isinstance(ranks, Sequence) or isinstance(ranks, str) or len(ranks) != 2:
-            raise ValueError(
-                f"TuckerConv2d({dims}): ranks must be (input_rank, output_rank), got {ranks!r}"
-            )
-        r_in = check_rank("TuckerConv2d", dims, "input_rank", ranks[0], in_channels)
-        r_out = check_rank("TuckerConv2d", dims, "output_rank", ranks[1], out_channels)
-        self.ranks = (r_in, r_out)
-        self.weight_in = nn.Parameter(torch.empty(r_in, in_channels, 1, 1, **kw))
-        self.weight_core = nn.Parameter(torch.empty(r_out, r_in, kh, kwd, **kw))
-        self.weight_out = nn.Parameter(torch.empty(out_channels, r_out, 1, 1, **kw))
-        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
-        self.reset_parameters()
+            raise FactorizationError(f"{name}({self._dims()}): ranks must be "
+                                     f"(input_rank, output_rank), got {ranks!r}")
+        top = self.max_rank(a.in_channels, a.out_channels, a.kernel_size, a.groups)
+        r_in = check_rank(name, self._dims(), "input_rank", ranks[0], top.input_rank, a.groups)
+        r_out = check_rank(name, self._dims(), "output_rank", ranks[1], top.output_rank,
+                           a.groups)
+        self.ranks, self.init_terms = (r_in, r_out), r_in * r_out
 
-    @property
-    def fan_in(self) -> int:
-        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+    def _factors(self, device, dtype) -> tuple[Stage, ...]:
+        (r_in, r_out), a = self.ranks, self.args
+        g, (kh, kw) = a.groups, a.kernel_size
+        self._add("weight_in", (g * r_in, a.in_channels // g, 1, 1), device, dtype)
+        self._add("weight_core", (g * r_out, r_in, kh, kw), device, dtype)
+        self._add("weight_out", (a.out_channels, r_out, 1, 1), device, dtype)
+        return (Stage("weight_in", g), self._spatial("weight_core", g), Stage("weight_out", g))
 
-    def reset_parameters(self) -> None:
-        """Normal factors with ``R_in R_out Var(U_in) Var(G) Var(U_out) = 1 / (3 fan_in)``."""
-        std = factor_std(kaiming_std(self.fan_in), 3, self.ranks[0] * self.ranks[1])
-        for weight in (self.weight_in, self.weight_core, self.weight_out):
-            nn.init.normal_(weight, 0.0, std)
-        init_bias_(self.bias, self.fan_in)
+    @classmethod
+    def max_rank(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 groups: int = 1) -> TuckerMaxRank:
+        """``(F/g, C/g)`` as ``(output_rank, input_rank)``: note the order is the reverse of
+        the constructor's ``ranks``; read the fields by name."""
+        f, c, _, _ = cls.group_shape(in_channels, out_channels, kernel_size, groups)
+        return TuckerMaxRank(output_rank=f, input_rank=c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight_in)
-        x = F.conv2d(x, self.weight_core, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(x, self.weight_out, self.bias)
+    def _rank_repr(self) -> str:
+        return f"ranks={self.ranks}"
 
-    def dense_weight(self) -> torch.Tensor:
-        """The composed ``(F, C, kh, kw)`` kernel."""
-        return torch.einsum(
-            "fb,baij,ac->fcij",
-            self.weight_out[:, :, 0, 0],
-            self.weight_core,
-            self.weight_in[:, :, 0, 0],
-        )
-
-    def analytic_macs(self, input_shape: tuple[int, ...]) -> int:
-        """Multiply-accumulates of the three convs for an ``(N, C, H, W)`` or ``(C, H, W)`` input
-        (bias adds not counted)."""
-        n, h, w = conv_input_dims("TuckerConv2d", self.in_channels, input_shape)
-        (r_in, r_out), (kh, kw) = self.ranks, self.kernel_size
-        ho, wo = conv_output_size(
-            (h, w), self.kernel_size, self.stride, self.padding, self.dilation
-        )
-        return n * (
-            h * w * r_in * self.in_channels
-            + ho * wo * r_out * r_in * kh * kw
-            + ho * wo * self.out_channels * r_out
-        )
+    def _compose(self) -> torch.Tensor:
+        u_out = self.grouped("weight_out")[..., 0, 0]  # (g, f, r_out)
+        u_in = self.grouped("weight_in")[..., 0, 0]  # (g, r_in, c)
+        return torch.einsum("gfb,gbaij,gac->gfcij", u_out, self.grouped("weight_core"), u_in)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: Sequence[int]) -> TuckerConv2d:
-        """HOSVD fit: ``U_out``, ``U_in`` are the leading left singular vectors of the mode-0
-        (``F x C kh kw``) and mode-1 (``C x F kh kw``) unfoldings, and the core is the kernel
-        projected onto them, ``G = W x_0 U_out^T x_1 U_in^T``.
+        """HOSVD fit, per group: ``U_out``, ``U_in`` are the leading left singular vectors of
+        the mode-0 (``F/g x C/g kh kw``) and mode-1 (``C/g x F/g kh kw``) unfoldings, and the
+        core is the kernel projected onto them, ``G = W x_0 U_out^T x_1 U_in^T``.
 
-        The result is the orthogonal projection of W onto those subspaces. It is exact when W has
-        multilinear ranks at most ``(R_out, R_in)`` in the channel modes, and within a factor
-        sqrt(2) of the best Tucker-2 fit in general, but NOT optimal (De Lathauwer, De Moor and
-        Vandewalle 2000; iterating, as HOOI does, can lower the error).
+        The result is the orthogonal projection of W onto those subspaces: exact when W has
+        multilinear ranks at most ``(R_out, R_in)`` in the channel modes (always at
+        ``max_rank``: the full bases are orthogonal, even past a short unfolding's rank),
+        within a factor sqrt(2) of the best Tucker-2 fit in general, but NOT optimal (De
+        Lathauwer, De Moor and Vandewalle 2000; HOOI iterations can lower the error).
         """
-        layer = cls(ranks=ranks, **conv_kwargs(conv))
-        r_in, r_out = layer.ranks
-        kernel = conv.weight.detach().to(torch.float64)
-        f, c, kh, kw = kernel.shape
-        u_out = svd64(kernel.reshape(f, -1))[0][:, :r_out]
-        u_in = svd64(kernel.transpose(0, 1).reshape(c, -1))[0][:, :r_in]
-        core = torch.einsum("fcij,fb,ca->baij", kernel, u_out, u_in)
-        with torch.no_grad():
-            layer.weight_out.copy_(u_out[:, :, None, None])
-            layer.weight_core.copy_(core)
-            layer.weight_in.copy_(u_in.T[:, :, None, None])
-            if layer.bias is not None:
-                layer.bias.copy_(conv.bias)
+        layer, kernel = cls._like(conv, ranks=ranks)
+        (r_in, r_out), (g, f, c) = layer.ranks, kernel.shape[:3]
+        u_out = svd64(kernel.reshape(g, f, -1), full=True)[0][..., :r_out]
+        u_in = svd64(kernel.transpose(1, 2).reshape(g, c, -1), full=True)[0][..., :r_in]
+        core = torch.einsum("gfcij,gfb,gca->gbaij", kernel, u_out, u_in)
+        layer._load({"weight_out": u_out, "weight_core": core,
+                     "weight_in": u_in.transpose(1, 2)}, conv.bias)
         return layer
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"ranks={self.ranks}, stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}, bias={self.bias is not None}"
-        )
