@@ -44,6 +44,7 @@ MHA_REASON = ("nn.MultiheadAttention: F.multi_head_attention_forward reads its p
               "in_proj_weight directly; no factored form of it here")
 
 __all__ = ["SurgeryRow", "SurgeryPlan", "apply_surgery", "plan_surgery", "format_table",
+           "surgery_targets",
            "replaceable_layers", "record_input_shapes", "match_spec", "describe", "dense_twin"]
 
 
@@ -290,7 +291,7 @@ def format_table(rows: list[SurgeryRow]) -> str:
         out.append(f"ratio: params {_ratio(p0, p1)}, MACs {_ratio(m0, m1)} "
                    "(matched layers, dense / after)")
         out.append(f"left dense: {len(left)}" + ("" if left else " (none)"))
-        out.extend(f"  {r.name} {r.shape} ({r.requested}): {r.reason}" for r in left)
+        out.extend(f"  {r.name} {r.shape} (kind {r.requested}): {r.reason}" for r in left)
     return "\n".join(out)
 
 
