@@ -219,19 +219,41 @@ class Attention(nn.Module):
         return self.head(y)
 
 
-def test_weights_read_without_a_call_are_listed_left_dense():
-    model = Attention()
-    rows = apply_surgery(model, {"*": {"kind": "lowrank", "param_ratio": 0.5}}, (1, 5, 16))
+def test_weights_read_without_a_call_are_listed_and_attention_is_factored():
+    torch.manual_seed(0)
+    model = Attention().to(torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref = model(x)
+    mha_in = model.mha.in_proj_weight.numel() + model.mha.in_proj_bias.numel()
+    rows = apply_surgery(model, {"*": {"kind": "lowrank", "param_ratio": 0.5, "init": "dense"},
+                                 "mha.out_proj": {"kind": "lowrank", "rank": 16,
+                                                  "init": "dense"}}, (1, 5, 16))
     by_name = {r.name: r for r in rows}
-    assert set(by_name) == {"qkv", "mha", "mha.out_proj", "head"}
-    assert by_name["head"].status == "swapped"
-    for name in ("qkv", "mha", "mha.out_proj"):
-        assert by_name[name].status == "left dense" and by_name[name].reason
-    assert "never called" in by_name["qkv"].reason and "in_proj_weight" in by_name["mha"].reason
-    out = model(torch.randn(2, 5, 16))
+    assert list(by_name) == ["qkv", "mha", "mha.out_proj", "head"]
+    qkv = by_name["qkv"]
+    assert qkv.status == "left dense" and "never called" in qkv.reason
+    assert type(model.qkv) is nn.Linear
+    # the attention's packed E -> 3E projection: rank r costs r (16 + 48) <= 0.5 * 768 -> 6
+    mha = by_name["mha"]
+    assert mha.status == "swapped" and mha.detail == "rank 6" and mha.params_before == mha_in
+    assert type(model.mha).__name__ == "ProjectedMultiheadAttention"
+    assert model.mha.in_proj.rank == 6 and model.mha.out_proj.rank == 16  # full rank: exact
+    assert by_name["mha.out_proj"].fit_error < 1e-12
+    # the factored attention computes what the dense one does with the fitted in_proj
+    with torch.no_grad():
+        dense = nn.MultiheadAttention(16, 2, batch_first=True).to(torch.float64)
+        dense.in_proj_weight.copy_(model.mha.in_proj.dense_weight())
+        dense.in_proj_bias.copy_(model.mha.in_proj.bias)
+        dense.out_proj.load_state_dict({"weight": model.mha.out_proj.dense_weight(),
+                                        "bias": model.mha.out_proj.bias})
+        q, k, v = torch.nn.functional.linear(x, model.qkv.weight, model.qkv.bias).chunk(3, -1)
+        want = model.head(dense(q, k, v, need_weights=False)[0])
+    out = model(x)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, ref)  # rank 6 of 16 changed the function
     out.sum().backward()
-    table = format_table(rows)
-    assert "left dense: 3" in table and table.splitlines()[-1].startswith("  mha.out_proj")
+    table = format_table(rows).splitlines()
+    assert table[-2] == "left dense: 1" and table[-1].startswith("  qkv Linear(16->48)")
 
 
 def test_init_dense_rows_carry_the_fit_error():

@@ -25,7 +25,8 @@ def run_surgery(name: str, hw: int, **kwargs) -> tuple[nn.Module, list, dict]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, **kwargs)
     targets = surgery_targets(model)
-    weights = {n: m.weight.numel() for n, m in targets.items() if hasattr(m, "weight")}
+    weights = {n: (m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+                   ).numel() for n, m in targets.items()}
     total = sum(p.numel() for p in model.parameters())
     rows = apply_surgery(model, SPEC, (1, 3, hw, hw))
     assert [r.name for r in rows] == list(targets)  # every target reported, in model order
@@ -35,6 +36,7 @@ def run_surgery(name: str, hw: int, **kwargs) -> tuple[nn.Module, list, dict]:
     for r in rows:
         if r.status == "swapped":
             layer = model.get_submodule(r.name)
+            layer = getattr(layer, "in_proj", layer)  # an attention's row: its in_proj
             bias = 0 if layer.bias is None else layer.bias.numel()
             assert r.params_after == own_params(layer)
             assert r.params_after - bias <= 0.1 * weights[r.name]
@@ -52,6 +54,7 @@ def run_surgery(name: str, hw: int, **kwargs) -> tuple[nn.Module, list, dict]:
     for r in rows:
         if r.status == "swapped":
             grads = [p.grad for p in model.get_submodule(r.name).parameters()]
+            assert grads
             assert all(g is not None and torch.isfinite(g).all() for g in grads), r.name
     return model, rows, {r.name: r for r in rows}
 
@@ -87,15 +90,16 @@ def test_regnet_x_400mf_grouped_convs():
 
 
 @pytest.mark.slow
-def test_vit_b_16_attention_is_listed():
-    _, rows, by_name = run_surgery("vit_b_16", 32, image_size=32)
-    attention = [r for r in rows if r.shape == "MultiheadAttention"]
-    assert len(attention) == 12
-    for r in attention:
-        out_proj = by_name[r.name + ".out_proj"]
-        assert r.status == "swapped" or "in_proj_weight" in r.reason
-        assert out_proj.status == "swapped" or "never called" in out_proj.reason
-    assert by_name["encoder.layers.encoder_layer_0.mlp.0"].status == "swapped"
+def test_vit_b_16_attention_is_factored():
+    model, rows, by_name = run_surgery("vit_b_16", 32, image_size=32)
+    attention = [r for r in rows if r.shape == "MultiheadAttention(768, 12 heads)"]
+    assert len(attention) == 12 and all(r.status == "swapped" for r in rows)
+    for r in attention:  # packed in_proj factored; out_proj, now called, too
+        assert by_name[r.name + ".out_proj"].status == "swapped"
+        assert r.params_before == 768 * 3 * 768 + 3 * 768
+    total = sum(r.params_before for r in rows) / sum(r.params_after for r in rows)
+    assert total > 9  # "every layer" at 0.1 compresses about 10x, attention included
+    assert sum(p.numel() for p in model.parameters()) < 0.1 * 86_420_200
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ Setting = Any  # kron: tuple of A shapes; lowrank/separable/cp: int; tucker: (r_
 
 def describe(module: nn.Module) -> str:
     """A short shape description, e.g. ``Conv2d(128->256, 3x3)``, ``Conv2d(64->64, 3x3,
-    groups=64)``, ``Linear(512->10)``."""
+    groups=64)``, ``Linear(512->10)``, ``MultiheadAttention(768, 12 heads)``."""
     if isinstance(module, nn.Linear):
         return f"Linear({module.in_features}->{module.out_features})"
     if isinstance(module, nn.Conv2d):
@@ -58,6 +58,8 @@ def describe(module: nn.Module) -> str:
         if module.padding_mode != "zeros":
             extra += f", padding_mode={module.padding_mode!r}"
         return f"Conv2d({module.in_channels}->{module.out_channels}, {kh}x{kw}{extra})"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"MultiheadAttention({module.embed_dim}, {module.num_heads} heads)"
     return type(module).__name__
 
 

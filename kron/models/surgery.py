@@ -34,14 +34,13 @@ from torch import nn
 from kron.layers.errors import FactorizationError
 from kron.layers.factory import describe, detail, factorize, relative_fit_error, validate_request
 from kron.measure import count_params, layer_macs, linear_macs
+from kron.models.attention import ProjectedMultiheadAttention
 
 SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation"}
 SWAPPED, KEPT, LEFT_DENSE = "swapped", "kept", "left dense"
-NOT_CALLED = ("never called by the forward: its weight is read directly (e.g. torchvision's "
-              "shifted_window_attention or nn.MultiheadAttention's out_proj), so a replacement "
-              "would not run")
-MHA_REASON = ("nn.MultiheadAttention: F.multi_head_attention_forward reads its packed "
-              "in_proj_weight directly; no factored form of it here")
+NOT_CALLED = ("never called by the forward: its weight is read directly (e.g. by torchvision's "
+              "shifted_window_attention), so a replacement would not run; its MACs are not "
+              "counted here")
 
 __all__ = ["SurgeryRow", "SurgeryPlan", "apply_surgery", "plan_surgery", "format_table",
            "surgery_targets",
@@ -103,7 +102,8 @@ def record_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
     """Input shape of the first call of every surgery target for one example of
     ``input_shape`` (batch 1); a target the forward never calls is absent.
 
-    Runs one forward on zeros in eval mode (BN statistics untouched), on the model's device.
+    Runs one forward on zeros in eval mode (BN statistics untouched), on the model's device and
+    in its dtype.
     """
     shapes: dict[str, tuple] = {}
     hooks = []
@@ -114,13 +114,13 @@ def record_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
             if first is not None:
                 shapes.setdefault(_name, tuple(first.shape))
         hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    place = {} if param is None else {"device": param.device, "dtype": param.dtype}
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape[1:]), device=device))
+            model(torch.zeros((1, *input_shape[1:]), **place))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -173,7 +173,12 @@ def _layer_list(layers: Mapping[str, nn.Module]) -> str:
 
 def plan_surgery(model: nn.Module, spec: Mapping[str, Mapping] | None,
                  input_shape: tuple[int, ...]) -> SurgeryPlan:
-    """Build the replacement of every layer ``spec`` matches, without touching ``model``."""
+    """Build the replacement of every layer ``spec`` matches, without touching ``model``.
+
+    An ``nn.MultiheadAttention`` becomes a :class:`ProjectedMultiheadAttention` whose packed
+    ``in_proj`` is factored as its entry says; its ``out_proj`` (called from then on, with the
+    attention's input shape) follows its own entry, as any Linear.
+    """
     plan = SurgeryPlan()
     if not spec:
         return plan
@@ -181,7 +186,12 @@ def plan_surgery(model: nn.Module, spec: Mapping[str, Mapping] | None,
     shapes = record_input_shapes(model, input_shape)
     for name, (_pattern, entry) in targets.items():
         layer = model.get_submodule(name)
-        row, new = _plan_one(name, layer, entry, shapes.get(name))
+        parent, _, child = name.rpartition(".")
+        shape = shapes.get(name)
+        if child == "out_proj" and isinstance(plan.replacements.get(parent),
+                                              ProjectedMultiheadAttention):
+            shape, layer = shapes[parent], plan.replacements[parent].out_proj
+        row, new = _plan_one(name, layer, entry, shape)
         plan.rows.append(row)
         if new is not None:
             plan.replacements[name] = new
@@ -192,31 +202,34 @@ def _plan_one(name: str, layer: nn.Module, entry: dict, shape: tuple | None
               ) -> tuple[SurgeryRow, nn.Module | None]:
     """The row of one matched layer and its replacement (None when it stays as it is)."""
     kind = entry["kind"]
-    params = sum(p.numel() for p in layer.parameters(recurse=False)) if isinstance(
-        layer, nn.MultiheadAttention) else count_params(layer)
+    attention = isinstance(layer, nn.MultiheadAttention)
+    params = sum(p.numel() for p in layer.parameters(recurse=False)) if attention else \
+        count_params(layer)
     macs = _dense_macs(layer, shape)
     row = SurgeryRow(name, "dense", describe(layer), "kept", params, params, macs, macs,
                      status=KEPT, requested=kind)
     if kind == "dense":
         return row, None
     row.status = LEFT_DENSE
-    if isinstance(layer, nn.MultiheadAttention):
-        row.reason = MHA_REASON
-        return row, None
     if shape is None:
         row.reason = NOT_CALLED
         return row, None
     settings = {k: v for k, v in entry.items() if k != "kind"}
     try:
-        new = factorize(layer, kind, input_shape=shape, name=name, **settings)
+        wrapper = ProjectedMultiheadAttention.from_mha(layer) if attention else None
+        dense = layer if wrapper is None else wrapper.in_proj
+        new = factorize(dense, kind, input_shape=shape, name=name, **settings)
     except FactorizationError as err:
         row.reason = _strip_label(str(err), name, layer)
         return row, None
     new.train(layer.training)
     if settings.get("init", "scratch") != "scratch":
-        row.fit_error = relative_fit_error(layer, new)
+        row.fit_error = relative_fit_error(dense, new)
     row.kind, row.detail, row.status = kind, detail(new), SWAPPED
     row.params_after, row.macs_after = count_params(new), int(layer_macs(new, shape))
+    if wrapper is not None:
+        wrapper.in_proj = new
+        return row, wrapper
     return row, new
 
 
