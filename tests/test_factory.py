@@ -232,3 +232,13 @@ def test_padding_mode_is_kept_or_named_as_the_blocker():
         return
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(m(x), dense(x), rtol=1e-9, atol=1e-9)
+
+
+def test_same_padding_budget():
+    dense = nn.Conv2d(16, 32, 3, padding="same")
+    shape = (1, 16, 8, 8)
+    for kind in ("kron", "separable", "cp", "tucker"):
+        m = factorize(dense, kind, param_ratio=0.2, mac_ratio=0.5, input_shape=shape)
+        assert weight_params(m) <= 0.2 * 4608
+        assert m.analytic_macs(shape) <= 0.5 * 32 * 16 * 9 * 64
+        assert m(torch.randn(shape)).shape == (1, 32, 8, 8)

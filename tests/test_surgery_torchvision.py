@@ -108,3 +108,15 @@ def test_swin_t_projections_read_without_a_call_are_listed():
     qkv = by_name["features.1.0.attn.qkv"]  # read by shifted_window_attention, never called
     assert qkv.status == "swapped" or "never called" in qkv.reason
     assert by_name["features.1.0.mlp.0"].status == "swapped"
+
+
+def test_resnet18_low_rank_fitted_from_dense_reports_fit_errors():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    spec = {"layer1.*": {"kind": "tucker", "param_ratio": 0.1, "init": "dense"},
+            "fc": {"kind": "lowrank", "param_ratio": 0.1, "init": "dense"}}
+    rows = apply_surgery(model, spec, (1, 3, 32, 32), strict=True)
+    assert [r.kind for r in rows] == ["tucker"] * 4 + ["lowrank"]
+    # random weights have a flat spectrum: a 10% budget keeps well under all of the energy
+    assert all(0.3 < r.fit_error < 1 for r in rows)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()

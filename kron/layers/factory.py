@@ -326,10 +326,11 @@ def _channels(module: nn.Module) -> tuple[int, int]:
 def _per_group(module: nn.Module) -> nn.Module:
     """The dense layer one group of ``module`` is (a grouped conv is ``groups`` independent
     convs), on the meta device: what Kronecker term shapes are enumerated against."""
-    if isinstance(module, nn.Linear) or module.groups == 1:
+    if isinstance(module, nn.Linear) or (module.groups == 1
+                                         and not isinstance(module.padding, str)):
         return module
     g = module.groups
-    padding = module.padding if not isinstance(module.padding, str) else 0
+    padding = module.padding if not isinstance(module.padding, str) else 0  # MACs: see caller
     return nn.Conv2d(module.in_channels // g, module.out_channels // g, module.kernel_size,
                      module.stride, padding, module.dilation, bias=False, device="meta")
 
