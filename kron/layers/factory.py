@@ -87,6 +87,12 @@ def validate_request(kind: str, *, init: str = "scratch", implementation: str = 
     if given == budget:
         raise FactorizationError(f"{label}: kind {kind!r} needs exactly one of {names} or a "
                                  "'param_ratio'/'mac_ratio' target")
+    if ranks is not None and kind != "tucker":
+        raise FactorizationError(f"{label}: 'ranks' is Tucker's (R_in, R_out); kind {kind!r} "
+                                 "takes 'rank'")
+    if kind == "kron" and terms is not None and rank is not None:
+        raise FactorizationError(f"{label}: 'rank' with 'terms' is ambiguous: repeat an A shape "
+                                 "in terms for Kronecker rank (rank goes with a budget)")
 
 
 def factorize(
@@ -165,7 +171,7 @@ def detail(layer: nn.Module) -> str:
         return f"ranks {layer.ranks[0]},{layer.ranks[1]}"
     if hasattr(layer, "rank"):
         return f"rank {layer.rank}"
-    return "kept"
+    return "kept" if isinstance(layer, (nn.Linear, nn.Conv2d)) else type(layer).__name__
 
 
 # ------------------------------------------------------------------------------- internals
@@ -234,8 +240,10 @@ def _fit(module: nn.Module, kind: str, setting: Setting, init: str,
     from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 
     if kind == "kron":
-        sweeps = FIT_SWEEPS if init == "fit" else 0
         cls = KronLinear.from_linear if isinstance(module, nn.Linear) else KronConv2d.from_conv
+        if len(set(setting)) == 1:  # one shape: the SVD fit is optimal, no sweeps to choose
+            return cls(module, list(setting), implementation=implementation)
+        sweeps = FIT_SWEEPS if init == "fit" else 0
         return cls(module, list(setting), implementation=implementation, sweeps=sweeps)
     if kind == "lowrank":
         return LowRankLinear.from_linear(module, setting)
