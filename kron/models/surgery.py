@@ -38,9 +38,9 @@ from kron.models.attention import ProjectedMultiheadAttention
 
 SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation"}
 SWAPPED, KEPT, LEFT_DENSE = "swapped", "kept", "left dense"
-NOT_CALLED = ("never called by the forward: its weight is read directly (e.g. by torchvision's "
-              "shifted_window_attention), so a replacement would not run; its MACs are not "
-              "counted here")
+NOT_CALLED = ("never called by the probe forward (eval mode): its weight is read directly (e.g. "
+              "by torchvision's shifted_window_attention) or it runs only in training (an "
+              "auxiliary head), so a replacement might never run; its MACs are not counted")
 
 __all__ = ["SurgeryRow", "SurgeryPlan", "apply_surgery", "plan_surgery", "format_table",
            "surgery_targets",
