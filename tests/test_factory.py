@@ -244,3 +244,12 @@ def test_same_padding_budget():
         assert weight_params(m) <= 0.2 * 4608
         assert m.analytic_macs(shape) <= 0.5 * 32 * 16 * 9 * 64
         assert m(torch.randn(shape)).shape == (1, 32, 8, 8)
+
+
+def test_rank_bound_is_the_layer_classes():
+    # a generous budget stops at the class's own bound: CPConv2d's numel / max dim = 100 / 5
+    # for a (2, 2, 5, 5) kernel (the old surgery bound, min(C, F) * kh * kw, said 50)
+    m = factorize(nn.Conv2d(2, 2, 5), "cp", param_ratio=100.0)
+    assert m.rank == 20
+    with pytest.raises(FactorizationError, match=r"valid ranks are 1\.\.20"):
+        factorize(nn.Conv2d(2, 2, 5), "cp", rank=21)
