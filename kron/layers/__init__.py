@@ -1,6 +1,8 @@
 """Kronecker-factored layers and the low-rank baselines they generalise."""
 
 from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
+from kron.layers.errors import FactorizationError
+from kron.layers.factory import factorize, relative_fit_error
 from kron.layers.kronecker import KronConv2d, KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 from kron.layers.planning import apply_plan, clear_plan, plan
@@ -23,4 +25,7 @@ __all__ = [
     "plan",
     "apply_plan",
     "clear_plan",
+    "factorize",
+    "relative_fit_error",
+    "FactorizationError",
 ]

@@ -140,7 +140,7 @@ def feasible(cfg: Any, spec: dict[str, dict[str, Any]]) -> str | None:
         return "no layer of this family to replace"
     net, shape = _net(cfg)
     try:
-        apply_surgery(net, spec, shape)
+        apply_surgery(net, spec, shape, strict=True)  # a layer left dense: not this budget
     except ValueError as err:
         return str(err).splitlines()[0]
     return None

@@ -80,6 +80,10 @@ def enumerate_points(cfg: Any, layers: Sequence[str], *, rank: int = 1,
             raise ValueError(f"--layer {pattern!r} matches no Linear/Conv2d layer; layers: "
                              f"{', '.join(found)}")
         for name in hits:
+            if name not in shapes:
+                raise ValueError(f"--layer {name!r} is never called by the forward (its weight "
+                                 "is read directly), so no replacement of it would run; "
+                                 "sweep another layer")
             hw = shapes[name][-2:] if isinstance(found[name], nn.Conv2d) else None
             for f in within_budget(found[name], hw, rank=rank, param_ratio=param_ratio,
                                    mac_ratio=mac_ratio):
