@@ -115,7 +115,7 @@ def _reason(err: Exception) -> str:
     msg = str(err)
     if msg.startswith("layers[") and "): " in msg:
         msg = msg.split("): ", 1)[1]
-    return msg.splitlines()[0]
+    return msg.splitlines()[0].split(" (the ")[0]  # without the list of valid shapes
 
 
 def _one_layer(model: nn.Module, name: str, entry: dict, input_shape: tuple,

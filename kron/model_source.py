@@ -60,7 +60,8 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> Built:
     names = torchvision.models.list_models()
     if name not in names:
         near = difflib.get_close_matches(name, names, n=4)
-        hint = f"did you mean {', '.join(near)}?" if near else "see torchvision.models.list_models()"
+        hint = (f"did you mean {', '.join(near)}?" if near else
+                "see torchvision.models.list_models()")
         raise SourceError(f"{name!r} is not a torchvision model name, a module:callable or a run "
                           f"folder; {hint}")
     try:
