@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
         except ExportError as err:
             print(f"error: {err} (or leave onnx out of --runtimes)", file=sys.stderr)
             return 2
+    from kron.calibrate import load_default
+
+    load_default("cpu")  # this machine's measured cost-model constants, if calibrated
     nets, shape = build_pair(overrides)
     rows, status = measure(nets, shape, args.batches, args.runtimes, args.rounds, args.warmup)
     print(f"# deploy: dense vs Kronecker net ({' '.join(overrides) or 'default config'}), input "

@@ -47,12 +47,14 @@ def default_path(device_type: str) -> Path:
 
 
 def load_default(device_type: str) -> Path | None:
-    """Install this device type's calibration if its file exists; returns its path or None.
-    (The call the entrypoints make, before building layers.)"""
+    """Install this device type's calibration if its file exists (saying so on stderr);
+    returns its path or None. The call the entrypoints make before building layers:
+    kron-compress, kron-export and ``kron.bench deploy`` make it for "cpu"."""
     path = default_path(device_type)
     if not path.is_file():
         return None
     cost_model.load_calibration(str(path))
+    print(f"cost model: {device_type} constants from {path}", file=sys.stderr)
     return path
 
 

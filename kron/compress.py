@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kron.calibrate import load_default
+
+    load_default("cpu")  # this machine's measured cost-model constants, if calibrated
     try:
         spec = spec_from_args(args)
         built = model_source.build(args.source, _kwargs(args.model_arg))

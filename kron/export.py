@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch sizes checked in ONNX Runtime (default 1 7)")
     p.add_argument("--static-hw", action="store_true", help="keep height and width fixed")
     args = p.parse_args(argv)
+    from kron.calibrate import load_default
+
+    load_default("cpu")  # this machine's measured cost-model constants, if calibrated
     try:
         require_onnxruntime()
         model, shape, default = load_for_export(args.target)

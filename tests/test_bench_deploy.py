@@ -15,6 +15,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_calibration(tmp_path, monkeypatch):
+    """The entrypoints load ~/.cache/kron's calibration if present: not in tests."""
+    monkeypatch.setenv("KRON_CALIBRATION_DIR", str(tmp_path / "calibration"))
+
+
 def _deploy(tmp_path, *runtimes: str, batches=("1", "3")) -> tuple[dict, str]:
     out = tmp_path / "deploy.json"
     assert main(["deploy", "model.width=0.25", "--batches", *batches, "--rounds", "1",
@@ -35,7 +41,7 @@ def test_deploy_table_and_onnx_check(tmp_path, capsys):
     assert len(table) == 4 and all(line.count("|") == 6 for line in table)
     rows = {(r["runtime"], r["batch"]): r for r in record["rows"]}
     assert set(rows) == {(rt, b) for rt in ("eager", "onnx") for b in (1, 3)}
-    for (rt, b), row in rows.items():
+    for (rt, _), row in rows.items():
         assert row["dense_ms"] > 0
         assert (row["kron_ms"] is None) == (rt == "onnx" and row["kron_error"] is not None)
     # the dense net exports with a dynamic batch: ORT matched eager at every batch
@@ -98,6 +104,20 @@ def test_set_constants_returns_what_it_replaced(restore_cpu_constants):
     new = cost_model.DeviceCosts(1.0, {"linear": (1.0, 1.0)})
     assert cost_model.set_constants("cpu", new) is before
     assert cost_model.constants_for("cpu") is new and cost_model.constants_for("cuda") is not new
+
+
+def test_calibrate_default_path_is_what_the_entrypoints_load(tmp_path, capsys,
+                                                             restore_cpu_constants):
+    from kron.calibrate import default_path, load_default
+
+    assert load_default("cpu") is None  # nothing calibrated yet: shipped constants kept
+    assert main(["calibrate", "--device", "cpu", "--quick", "--repeats", "1"]) == 0
+    path = tmp_path / "calibration" / "cost_model_cpu.json"
+    assert default_path("cpu") == path and path.is_file()
+    assert load_default("cpu") == path
+    assert cost_model.constants_for("cpu").op_overhead == json.loads(path.read_text())[
+        "op_overhead"]
+    assert f"constants from {path}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

@@ -11,6 +11,12 @@ from kron import compress as kc
 from kron import model_source
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_calibration(tmp_path, monkeypatch):
+    """The entrypoints load ~/.cache/kron's calibration if present: not in tests."""
+    monkeypatch.setenv("KRON_CALIBRATION_DIR", str(tmp_path / "calibration"))
+
+
 def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -173,12 +179,18 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
 def test_layers_yaml_spec(tmp_path):
     spec = tmp_path / "layers.yaml"
     spec.write_text('"layer1.*.conv1": {kind: tucker, ranks: [16, 16]}\nfc: {kind: lowrank, '
-                    "rank: 8}\n")
+                    "rank: 8}\nlayer2.0.conv2: {kind: kron, terms: [[8, 8, 1, 1], [8, 8, 1, 1], "
+                    "[4, 4, 3, 3]]}\n")
     args = kc.build_parser().parse_args(["resnet18", "--layers", str(spec), "--init", "scratch"])
     assert kc.spec_from_args(args) == {
         "layer1.*.conv1": {"init": "scratch", "kind": "tucker", "ranks": [16, 16]},
-        "fc": {"init": "scratch", "kind": "lowrank", "rank": 8}}
+        "fc": {"init": "scratch", "kind": "lowrank", "rank": 8},
+        "layer2.0.conv2": {"init": "scratch", "kind": "kron",
+                           "terms": [[8, 8, 1, 1], [8, 8, 1, 1], [4, 4, 3, 3]]}}
     built = model_source.build("resnet18")
     report = kc.compress(built.model, kc.spec_from_args(args), (1, 3, 32, 32))
-    assert [r.name for r in report.rows] == ["layer1.0.conv1", "layer1.1.conv1", "fc"]
+    assert [r.name for r in report.rows] == ["layer1.0.conv1", "layer1.1.conv1",
+                                             "layer2.0.conv2", "fc"]
     assert all(r.fit_error is None for r in report.rows)  # scratch: nothing fitted
+    assert report.spec["layer2.0.conv2"]["terms"] == [[8, 8, 1, 1], [8, 8, 1, 1], [4, 4, 3, 3]]
+    _round_trip(tmp_path, built, report, (1, 3, 32, 32))  # two shape groups, one of rank 2

@@ -18,6 +18,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_calibration(tmp_path, monkeypatch):
+    """The entrypoints load ~/.cache/kron's calibration if present: not in tests."""
+    monkeypatch.setenv("KRON_CALIBRATION_DIR", str(tmp_path / "calibration"))
+
+
 def make_run(folder, *overrides: str):
     """A run folder as training leaves it: ``.hydra/config.yaml`` and ``last.pt`` (random
     weights, BN statistics that are not the identity)."""
