@@ -101,13 +101,13 @@ def test_the_record_is_per_pair_and_runs_once():
 
 
 def test_tolerance_per_dtype():
-    shape = (2, 16, 16, 16, 16)  # sqrt(n1 R) = sqrt(32), sqrt(n2) = 4
-    factor = 4 * (1 + 32**0.5 + 4)
-    assert sc.tolerance(torch.bfloat16, shape) == pytest.approx(factor * 2**-8)
-    assert sc.tolerance(torch.float16, shape) == pytest.approx(factor * 2**-11)
-    assert sc.tolerance(torch.float32, shape) == pytest.approx(factor * 2**-24)
-    torch.set_float32_matmul_precision("high")  # TF32 allowed: the kernel rounds to TF32
-    assert sc.tolerance(torch.float32, shape) == pytest.approx(factor * 2**-11)
+    shape = (2, 16, 16, 16, 16)  # n1 R + n2 = 48: accumulation term sqrt(1 + 8) = 3 roundoffs
+    acc = 8 * 3 * 2.0**-24
+    assert sc.tolerance(torch.bfloat16, shape) == pytest.approx(8 * 2**-8 + acc)
+    assert sc.tolerance(torch.float16, shape) == pytest.approx(8 * 2**-11 + acc)
+    assert sc.tolerance(torch.float32, shape) == pytest.approx(acc)
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: four operand roundings
+    assert sc.tolerance(torch.float32, shape) == pytest.approx(8 * 4 * 2**-11 + acc)
 
 
 def test_the_shipped_kernel_passes_and_changes_no_setting(monkeypatch):
