@@ -220,7 +220,7 @@ def save(path: str | Path, model: nn.Module, report: Report, source: model_sourc
 def load(path: str | Path) -> nn.Module:
     """Rebuild the net :func:`save` wrote and load its weights (train mode, on the CPU)."""
     content = read(path)
-    with torch.random.fork_rng():  # fresh layers draw random numbers; leave the caller's RNG
+    with torch.random.fork_rng(devices=[]):  # fresh layers draw random numbers (CPU)
         model = model_source.rebuild(model_source.Source(**content["source"]))
         apply_surgery(model, content["spec"], tuple(content["input_shape"]))
     model_source.load_weights(model, content["state_dict"], str(path))
