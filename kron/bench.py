@@ -319,9 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     layers.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     layers.add_argument("--only", metavar="TEXT", help="only cases whose name contains TEXT")
     layers.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    from kron import bench_deploy, calibrate  # subcommands in their own modules
+
+    bench_deploy.add_parser(sub)
+    calibrate.add_parser(sub)
     args = parser.parse_args(argv)
     allocator = configure_allocator()
     print(allocator)
+    if args.what != "layers":
+        return args.run(args)
     return bench_layers(args, allocator)
 
 

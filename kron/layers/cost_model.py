@@ -71,6 +71,8 @@ CPU = DeviceCosts(
     },
 )
 
+# ESTIMATES, not measured in this repository (see the docstring; `python -m kron.bench
+# calibrate` on the GPU measures them and cost_model.load_calibration installs the result).
 CUDA = DeviceCosts(
     op_overhead=1e9,
     penalty={
@@ -130,3 +132,39 @@ def choose(
     """The candidate with the lowest predicted cost; ties go to the earlier candidate."""
     costs = [estimate(work, c, device_type, training) for c in candidates]
     return candidates[min(range(len(candidates)), key=costs.__getitem__)]
+
+
+# ----------------------------------------------------------------------------- calibration
+def set_constants(device_type: str, costs: DeviceCosts) -> DeviceCosts:
+    """Make ``costs`` the constants of ``device_type`` (``"cpu"``, else every accelerator) for
+    this process; returns the constants they replace (to put back)."""
+    global CPU, CUDA
+    previous = constants_for(device_type)
+    if device_type == "cpu":
+        CPU = costs
+    else:
+        CUDA = costs
+    return previous
+
+
+def load_calibration(path: str) -> DeviceCosts:
+    """Install the constants measured by ``python -m kron.bench calibrate`` (a JSON file) for
+    its device type and return them. Kinds the file does not measure keep their current
+    penalty. The layers never read files: entrypoints call this explicitly."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    try:
+        device_type = str(data["device_type"])
+        current = constants_for(device_type)
+        penalty = {**current.penalty, **{k: (float(v[0]), float(v[1]))
+                                          for k, v in data["penalty"].items()}}
+        costs = DeviceCosts(float(data["op_overhead"]), penalty,
+                            float(data.get("compose_extra_per_element",
+                                           current.compose_extra_per_element)))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"{path} is not a kron cost-model calibration ({err!r}); rewrite it "
+                         "with python -m kron.bench calibrate") from None
+    set_constants(device_type, costs)
+    return costs
