@@ -4,11 +4,11 @@
     kron-compress RUN_DIR --layers layers.yaml --out small.pt
     kron-compress mypkg.nets:build --mac-ratio 0.2 --input-size 96
 
-:func:`compress` applies a surgery spec (``kron.models.surgery``'s format) layer by layer, so
-a layer that cannot take its entry is left dense with the reason instead of stopping the
-whole run, and measures the fit error of every swapped layer: ``||W - W_hat||_F / ||W||_F``
-between the trained dense weight and the new layer's ``dense_weight()`` (0 is exact; with
-``init: fit`` each layer is the optimal approximation of its kind and size). :func:`save`
+:func:`compress` applies a surgery spec (``kron.models.surgery``'s format): every matched
+layer is planned before any is swapped, a layer that cannot take its entry is left dense with
+the reason instead of stopping the whole run, and every fitted layer reports its fit error
+``||W - W_hat||_F / ||W||_F`` against the trained dense weight (0 is exact; with ``init: fit``
+each layer is the best approximation of its kind and size the fits reach). :func:`save`
 writes the state dict with the exact per-layer spec that rebuilds it (every budget already
 resolved into terms or ranks) and the record of the source net; :func:`load` rebuilds and
 reloads it. See docs/design.md, "Compress and deploy".
@@ -29,17 +29,11 @@ from torch import nn
 
 from kron import model_source
 from kron.fileio import atomic_write
-from kron.measure import count_macs, count_params, layer_macs
-from kron.models.surgery import (
-    KINDS,
-    apply_surgery,
-    describe,
-    match_spec,
-    record_input_shapes,
-)
+from kron.layers.factory import INITS, KINDS
+from kron.measure import count_macs, count_params
+from kron.models.surgery import KEPT, SWAPPED, SurgeryRow, apply_surgery
 
 FORMAT = "kron-compressed/1"
-INITS = ("fit", "dense", "scratch")
 
 
 @dataclass
@@ -70,29 +64,6 @@ class Report:
     spec: dict[str, dict[str, Any]]
 
 
-def _surgery_init(init: str) -> str:
-    """The surgery's name for an init: ``fit`` fits the trained weights (the surgery's
-    ``dense``), ``scratch`` starts from the layer's own initialisation."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
-    return "scratch" if init == "scratch" else "dense"
-
-
-def fit_error(dense: torch.Tensor, new: nn.Module) -> float | None:
-    """``||W - W_hat||_F / ||W||_F`` in float64, or None if ``new`` cannot compose its weight
-    or composes one of another shape."""
-    compose = getattr(new, "dense_weight", None)
-    if compose is None:
-        return None
-    with torch.no_grad():
-        approx = compose().detach().double().cpu()
-    ref = dense.double().cpu()
-    if approx.shape != ref.shape:
-        return None
-    norm = ref.norm()
-    return float((ref - approx).norm() / norm) if norm > 0 else float(approx.norm())
-
-
 def resolved_entry(kind: str, module: nn.Module) -> dict[str, Any]:
     """The spec entry that rebuilds ``module`` exactly (budgets resolved into terms/ranks)."""
     if kind == "kron" and hasattr(module, "terms"):
@@ -105,77 +76,35 @@ def resolved_entry(kind: str, module: nn.Module) -> dict[str, Any]:
     raise ValueError(f"cannot record how to rebuild a {type(module).__name__} (kind {kind!r})")
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _reason(err: Exception) -> str:
-    """The surgery's message without its ``layers[...] -> name Shape:`` prefix."""
-    msg = str(err)
-    if msg.startswith("layers[") and "): " in msg:
-        msg = msg.split("): ", 1)[1]
-    return msg.splitlines()[0].split(" (the ")[0]  # without the list of valid shapes
-
-
-def _one_layer(model: nn.Module, name: str, entry: dict, input_shape: tuple,
-               layer_input: tuple) -> tuple[LayerReport, torch.Tensor | None]:
-    """Swap one layer as ``entry`` says; returns its report row and the old dense weight.
-    ``layer_input`` is the layer's own input shape (for the MACs of a layer left dense)."""
-    layer = model.get_submodule(name)
-    weight = layer.weight.detach().clone()
-    macs = layer_macs(layer, layer_input) or 0
-    blank = LayerReport(name, str(entry.get("kind")), describe(layer), "kept",
-                        count_params(layer), count_params(layer), macs, macs)
-    if entry.get("kind") == "dense":
-        blank.left_dense = "kind: dense in the spec"
-        return blank, None
-    try:
-        (row,) = apply_surgery(model, {name: entry}, input_shape)
-    except ValueError as err:
-        blank.left_dense = _reason(err)
-        return blank, None
-    new = model.get_submodule(name)
-    out = LayerReport(**{k: v for k, v in asdict(row).items() if k in asdict(blank)})
-    if new is layer:
-        out.left_dense = row.detail
-        return out, None
-    composed = getattr(new, "dense_weight", None)
-    if composed is not None and tuple(composed().shape) != tuple(weight.shape):
-        _swap(model, name, layer)  # e.g. a grouped conv rebuilt without its groups
-        blank.left_dense = (f"the replacement's weight {tuple(composed().shape)} differs from "
-                            f"the layer's {tuple(weight.shape)} (groups={layer.groups}?)"
-                            if isinstance(layer, nn.Conv2d) else "replacement has another shape")
-        return blank, None
-    return out, weight
+def _report_row(row: SurgeryRow) -> LayerReport:
+    """The surgery's row as a compression report row (``left_dense`` says why it stayed)."""
+    fields = {k: v for k, v in asdict(row).items() if k in LayerReport.__dataclass_fields__}
+    out = LayerReport(**fields)
+    if row.status == KEPT:
+        out.left_dense = "kind: dense in the spec"
+    elif row.status != SWAPPED:
+        out.left_dense = row.reason or "left dense"
+    return out
 
 
 def compress(model: nn.Module, spec: Mapping[str, Mapping[str, Any]],
              input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> Report:
-    """Swap ``model``'s layers in place as ``spec`` says (surgery's format; ``init: fit`` is
-    accepted as the surgery's ``dense``) and report what happened.
+    """Swap ``model``'s layers in place as ``spec`` says (surgery's format and inits:
+    ``fit``, ``dense``, ``scratch``) and report what happened.
 
-    Each matched layer is swapped on its own: one that cannot take its entry stays dense and
-    its row says why. ``input_shape`` is one input ``(1, C, H, W)``; MACs are per image: the
-    dense net's as executed, less what the swapped layers' factored forwards save (``auto``
-    layers may still run composed: see their ``resolved_implementation``).
+    The surgery plans every matched layer before it swaps any: one that cannot take its entry
+    stays dense and its row says why. ``input_shape`` is one input ``(1, C, H, W)``; MACs are
+    per image: the dense net's as executed, less what the swapped layers' factored forwards
+    save (``auto`` layers may still run composed: see their ``resolved_implementation``).
     """
-    spec = {p: {**e, **({"init": _surgery_init(e["init"])} if "init" in e else {})}
-            for p, e in spec.items()}
-    targets = match_spec(model, spec)
     params_before = count_params(model)
-    macs_before = count_macs(model, input_shape)
-    layer_inputs = record_input_shapes(model, tuple(input_shape))
-    rows, resolved = [], {}
-    for name, (_, entry) in targets.items():
-        row, weight = _one_layer(model, name, dict(entry), tuple(input_shape),
-                                 layer_inputs[name])
-        if weight is not None:
-            new = model.get_submodule(name)
-            if entry.get("init", "scratch") != "scratch":
-                row.fit_error = fit_error(weight, new)
-            resolved[name] = resolved_entry(row.kind, new)
-        rows.append(row)
+    macs_before = count_macs(model, tuple(input_shape))
+    rows = [_report_row(r) for r in apply_surgery(model, spec, tuple(input_shape))]
+    resolved = {}
+    for row in rows:
+        if row.left_dense is None:
+            new = model.get_submodule(row.name)
+            resolved[row.name] = resolved_entry(row.kind, getattr(new, "in_proj", new))
     saved = sum(r.macs_before - r.macs_after for r in rows if r.left_dense is None)
     return Report(rows, (params_before, count_params(model)), (macs_before, macs_before - saved),
                   resolved)
@@ -285,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="kron", choices=[k for k in KINDS if k != "dense"])
     p.add_argument("--layers", metavar="YAML", help="a surgery spec instead of a budget")
     p.add_argument("--init", default="fit", choices=INITS,
-                   help="fit (= dense): approximate the trained weights; scratch: fresh init")
+                   help="fit: the best approximation of the trained weights (closed form, "
+                   "refined for mixed Kronecker shapes); dense: the closed form only; scratch: "
+                   "fresh init")
     p.add_argument("--input-size", metavar="N|HxW", help="input size (default: 224 for "
                    "torchvision, image_size if given, the run's size for run folders)")
     p.add_argument("--out", metavar="PATH", help="output file (default ./NAME-compressed.pt)")
