@@ -231,3 +231,20 @@ def test_out_of_range_label_fails_at_open(tmp_path, bad):
     with pytest.raises(DatasetError, match=rf"h\.h5 \(label {bad} of image 2 in /train/y is "
                        r"outside 0\.\.3754"):
         HWDB(out, "train")
+
+
+@pytest.mark.parametrize("damage", ["x", "y", "codes", "truncate"])
+def test_damaged_hdf5_is_one_line(tmp_path, damage):
+    """A converted file with a dataset deleted or its tail cut fails at open, in one line."""
+    write_gnt(tmp_path / "a.gnt", [(c, _square(i)) for i, c in enumerate(CHARS)])
+    out = tmp_path / "h.h5"
+    convert([tmp_path / "a.gnt"], out, "train", size=S, progress=False)
+    if damage == "truncate":
+        out.write_bytes(out.read_bytes()[:-1000])
+    else:
+        with h5py.File(out, "a") as f:
+            del f[f"train/{damage}"]
+    with pytest.raises(DatasetError, match=r"CASIA-HWDB: cannot read .*h\.h5 .*Re-run the "
+                       "converter") as err:
+        HWDB(out, "train")
+    assert "\n" not in str(err.value)
