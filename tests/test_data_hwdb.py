@@ -248,3 +248,11 @@ def test_damaged_hdf5_is_one_line(tmp_path, damage):
                        "converter") as err:
         HWDB(out, "train")
     assert "\n" not in str(err.value)
+
+
+def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
+    write_gnt(tmp_path / "a.gnt", [("中", _square(0))])
+    assert main(["convert", "--split", "train", "--out", str(tmp_path / "a.gnt" / "h.h5"),
+                 "--no-progress", str(tmp_path / "a.gnt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {tmp_path / 'a.gnt'}" in err

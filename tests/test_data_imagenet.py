@@ -87,3 +87,15 @@ def test_sort_refuses_wnid_that_leaves_val(tmp_path, capsys, wnid):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"entry {wnid!r}" in err and "meta.mat" in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_sort_os_error_is_one_line(tmp_path, capsys):
+    """A class folder that cannot be made (a file is in the way) is one line naming it."""
+    val = tmp_path / "imagenet" / "val"
+    write_imagenet_flat_val(tmp_path / "imagenet", tmp_path / "devkit", [(_img(0), WNIDS[0])],
+                            WNIDS[:1])
+    (val / WNIDS[0]).write_text("in the way")
+    assert _script("sort_imagenet_val").main(
+        ["--val", str(val), "--devkit", str(tmp_path / "devkit")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot move into {val / WNIDS[0]}" in err

@@ -341,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the output folder: read-only, full disk, ...
+        print(f"error: {WHAT}: cannot write {err.filename or args.out} ({err.strerror or err}); "
+              "choose a writable --out with free space.", file=sys.stderr)
+        return 2
     print(report(stats, f"{args.out}:/{args.split}"))
     if stats.unread:
         print(f"error: {WHAT}: {sum(b - a for _, a, b in stats.unread)} bytes left unread "

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import scipy.io
 import torch
 from torch.utils.data import Dataset
@@ -79,7 +80,7 @@ def read_devkit(devkit: str | Path) -> list[str]:
         if not path.is_file():
             raise missing(WHAT, path, "Extract ILSVRC2012_devkit_t12.tar.gz and pass its folder")
     try:
-        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+        synsets = np.atleast_1d(scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"])
         id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
     except Exception as err:  # scipy's errors for a bad .mat vary; all mean the same here
         raise corrupt(WHAT, meta, err, "Re-extract the devkit") from None
