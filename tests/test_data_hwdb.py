@@ -187,6 +187,12 @@ def test_skip_corrupt_resyncs_after_a_bad_size_field(tmp_path, capsys):
     assert all(np.array_equal(ds[j][0][0].numpy(), _square(100 + i)) for j, i in enumerate(kept))
     with h5py.File(out) as f:
         assert (f["train"].attrs["skipped_corrupt"], f["train"].attrs["unread_bytes"]) == (1, 0)
+        x = f["train/x"][:]
+    small = convert([path], tmp_path / "b.h5", "train", size=S, skip_corrupt=True,
+                    progress=False, block=4)  # 49 = 12 blocks of 4 + a tail of 1
+    assert small.skipped == [(str(path), 1862, 2128)] and small.unread == []
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert np.array_equal(f["train/x"][:], x)
 
 
 def test_resync_needs_a_following_header(tmp_path):

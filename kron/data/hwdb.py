@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,35 +139,10 @@ def convert(
             "x", shape=(0, 1, size, size), maxshape=(None, 1, size, size), dtype=np.uint8,
             chunks=(1, 1, size, size), compression=compression,
         )
-        codes: list[int] = []
-        buf: list[np.ndarray] = []
-
-        def flush() -> None:
-            if buf:
-                n = x.shape[0]
-                x.resize(n + len(buf), axis=0)
-                x[n:] = np.stack(buf)[:, None]
-                buf.clear()
-
         with tqdm(total=total, unit="B", unit_scale=True, desc=split,
                   disable=not progress) as bar:
-            for path in files:
-                done = 0
-                for rec in iter_gnt(path, skip_corrupt):
-                    if isinstance(rec, GntError):
-                        stats.note(rec, path.stat().st_size)
-                        continue
-                    bar.update(rec.offset - done)
-                    done = rec.offset
-                    if not all_classes and level1_label(rec.code) is None:
-                        stats.dropped_classes += 1
-                        continue
-                    codes.append(rec.code)
-                    buf.append(normalise(rec.bitmap, size))
-                    if len(buf) >= block:
-                        flush()
-                bar.update(path.stat().st_size - done)
-            flush()
+            images = _kept_images(files, stats, size, all_classes, skip_corrupt, bar.update)
+            codes = _append(x, images, block)
         stats.written = x.shape[0]
         _write_labels(dst, split, np.asarray(codes, dtype=np.int64), all_classes)
         grp.attrs["size"] = size
@@ -176,6 +151,49 @@ def convert(
         grp.attrs["unread_bytes"] = sum(b - a for _, a, b in stats.unread)
         grp.attrs["dropped_classes"] = stats.dropped_classes
     return stats
+
+
+def _kept_images(files: list[Path], stats: ConvertStats, size: int, all_classes: bool,
+                 skip_corrupt: bool, advance: Callable[[int], object]
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(code, normalised image) of every kept record of `files`; counts the rest in `stats`.
+
+    `advance(n)` is told how many more bytes were read (the progress bar).
+    """
+    for path in files:
+        done, file_size = 0, path.stat().st_size
+        for rec in iter_gnt(path, skip_corrupt):
+            if isinstance(rec, GntError):
+                stats.note(rec, file_size)
+                continue
+            advance(rec.offset - done)
+            done = rec.offset
+            if not all_classes and level1_label(rec.code) is None:
+                stats.dropped_classes += 1
+                continue
+            yield rec.code, normalise(rec.bitmap, size)
+        advance(file_size - done)
+
+
+def _append(x: h5py.Dataset, images: Iterable[tuple[int, np.ndarray]], block: int) -> list[int]:
+    """Append the images to the resizable dataset `x`, `block` at a time; return their codes."""
+    codes: list[int] = []
+    buf: list[np.ndarray] = []
+    for code, image in images:
+        codes.append(code)
+        buf.append(image)
+        if len(buf) >= block:
+            _flush(x, buf)
+    _flush(x, buf)
+    return codes
+
+
+def _flush(x: h5py.Dataset, buf: list[np.ndarray]) -> None:
+    if buf:
+        n = x.shape[0]
+        x.resize(n + len(buf), axis=0)
+        x[n:] = np.stack(buf)[:, None]
+        buf.clear()
 
 
 def _copy_other_splits(out: Path, dst: h5py.File, split: str) -> None:
