@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from kron.data import HWDB
 from kron.data.gnt import iter_gnt, level1_codes
@@ -64,3 +65,29 @@ def test_gnt_writer_signature_and_cli(tmp_path, capsys):
     assert (len(HWDB(tmp_path / "s.h5", "train")), len(HWDB(tmp_path / "s.h5", "test"))) == (9, 6)
     with pytest.raises(ValueError, match="num_classes must be in 1..3755"):
         glyph_records(3, num_classes=0)
+
+
+def test_synth_hwdb_config_draws_on_first_use_and_caches(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kron.config_schema import DataConfig, check_against
+    from kron.data import build_datasets
+    from kron.paths import CONFIG_DIR
+
+    def cfg(**over):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR / "data"), version_base="1.3"):
+            return compose("synth_hwdb", overrides=[f"{k}={v}" for k, v in over.items()])
+
+    base = cfg()
+    check_against(OmegaConf.to_container(base, resolve=True), DataConfig, "data")
+    assert base.name == "hwdb" and str(base.path).startswith("data/")
+    small = {"path": tmp_path / "h.h5", "num_classes": 4, "input_size": 24,
+             "synth.n_train": 12, "synth.n_test": 8}
+    train, test = build_datasets(cfg(**small))
+    assert (len(train), len(test), len(train.classes)) == (12, 8, 4)
+    assert train[0][0].shape == (1, 24, 24) and train[0][0].dtype == torch.float32
+    stamp = (tmp_path / "h.h5").stat().st_mtime_ns
+    build_datasets(cfg(**small))
+    assert (tmp_path / "h.h5").stat().st_mtime_ns == stamp  # same settings: kept
+    assert len(build_datasets(cfg(**{**small, "synth.n_train": 16}))[0]) == 16  # redrawn

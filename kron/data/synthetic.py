@@ -36,6 +36,7 @@ from .synth_svhn import LEVELS, render_split
 from .synth_svhn import difficulty as synth_difficulty
 
 SYNTH_META = "synth_svhn.json"
+SYNTH_HWDB_VERSION = 1  # bump when the glyph renderer changes, so cached files are redrawn
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP"}
 
 
@@ -135,6 +136,28 @@ def write_synth_hwdb(path: str | Path, n_train: int = 4000, n_test: int = 1000,
                             glyph_records(n, sample_seed, num_classes))
             convert_gnt([gnt], path, split, size=size, all_classes=True, progress=False)
     return Path(path)
+
+
+def ensure_synth_hwdb(path: str | Path, n_train: int = 10000, n_test: int = 2000,
+                      num_classes: int = 50, seed: int = 0, size: int = 64) -> Path:
+    """Make sure HDF5 file `path` holds synthetic HWDB for these settings, writing it if not.
+
+    The settings are recorded beside it (`<name>.json`), so changing them redraws the file.
+    """
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    want = {"n_train": n_train, "n_test": n_test, "num_classes": num_classes, "seed": seed,
+            "size": size, "version": SYNTH_HWDB_VERSION}
+    if path.is_file() and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()) == want:
+                return path
+        except json.JSONDecodeError:
+            pass
+    write_synth_hwdb(path, n_train, n_test, num_classes, seed, size)
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(want))
+    return path
 
 
 def write_image(path: str | Path, image: np.ndarray) -> Path:
