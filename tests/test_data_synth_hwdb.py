@@ -40,7 +40,7 @@ def test_patterns_depend_on_the_class_only():
 
 
 def test_learnable_by_a_template_matcher_but_not_trivially(tmp_path):
-    """Chance is 1/K = 10 %. A nearest-centroid classifier on raw pixels gets 85 % here
+    """Chance is 1/K = 10 %. A nearest-centroid classifier on raw pixels gets 84.5 % here
     (seed 0): the classes carry signal, and the jitter keeps a template matcher well short of
     100 %. With the labels shuffled (what the old noise writer amounted to) it is near chance."""
     path = write_synth_hwdb(tmp_path / "h.h5", 400, 200, K, seed=0, size=32)

@@ -1,7 +1,9 @@
 """Synthetic handwritten-character glyphs: a learnable stand-in for CASIA-HWDB.
 
-Each class (a GB2312 code) owns a fixed pattern of 4-7 pen strokes drawn from a generator
-seeded by the code alone, so every split and every seed agrees on what a class looks like. A
+Each class (a GB2312 code) owns a fixed pattern of pen strokes chosen by a generator seeded by
+the code alone, so every split and every seed agrees on what a class looks like: two components
+from a shared pool of 48 (as Chinese characters share radicals, so some classes differ only in
+one part) in a left-right, top-bottom or enclosing layout, plus one stroke of its own. A
 sample redraws that pattern with per-sample jitter (a slight affine map, a shift, moved stroke
 points, an occasional dropped stroke, stray strokes from no class, pen width, ink level,
 blur-free pixel noise), so a classifier must learn the pattern rather than memorise pixels,
@@ -19,18 +21,45 @@ from .gnt import level1_codes
 PATTERN_SEED = 0x48574442  # "HWDB": pattern generators depend on this and the class code only
 
 
-def class_strokes(code: int) -> list[np.ndarray]:
-    """The fixed strokes of class `code`: 4-7 polylines of 2-3 points in the unit square."""
-    rng = np.random.default_rng([PATTERN_SEED, int(code)])
+N_RADICALS = 48  # shared components: classes built from common parts are confusable, as in HWDB
+_LAYOUTS = (  # boxes (x0, y0, x1, y1) of the two components: left-right, top-bottom, enclosing
+    ((0.05, 0.1, 0.5, 0.9), (0.45, 0.1, 0.95, 0.9)),
+    ((0.1, 0.05, 0.9, 0.5), (0.1, 0.45, 0.9, 0.95)),
+    ((0.05, 0.05, 0.95, 0.95), (0.3, 0.3, 0.7, 0.7)),
+)
+
+
+def _polylines(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """`count` pen strokes: polylines of 2-3 points in the unit square."""
     strokes = []
-    for _ in range(int(rng.integers(4, 8))):
-        start = rng.uniform(0.12, 0.88, 2)
-        points = [start]
+    for _ in range(count):
+        points = [rng.uniform(0.1, 0.9, 2)]
         for _ in range(int(rng.integers(1, 3))):
-            step = rng.normal(0.0, 0.3, 2)
-            points.append(np.clip(points[-1] + step, 0.08, 0.92))
+            points.append(np.clip(points[-1] + rng.normal(0.0, 0.35, 2), 0.05, 0.95))
         strokes.append(np.stack(points))
     return strokes
+
+
+def radicals() -> list[list[np.ndarray]]:
+    """The shared pool of `N_RADICALS` components, 2-3 strokes each (fixed)."""
+    rng = np.random.default_rng([PATTERN_SEED, 0])
+    return [_polylines(rng, int(rng.integers(2, 4))) for _ in range(N_RADICALS)]
+
+
+_POOL = radicals()
+
+
+def class_strokes(code: int) -> list[np.ndarray]:
+    """The fixed strokes of class `code`: two shared components in one of three layouts (so
+    many classes share a part with others), plus one stroke of its own."""
+    rng = np.random.default_rng([PATTERN_SEED, int(code)])
+    layout = _LAYOUTS[int(rng.integers(len(_LAYOUTS)))]
+    parts = rng.choice(N_RADICALS, 2, replace=False)
+    strokes = []
+    for (x0, y0, x1, y1), part in zip(layout, parts):
+        scale = np.array([x1 - x0, y1 - y0])
+        strokes.extend(s * scale + np.array([x0, y0]) for s in _POOL[int(part)])
+    return strokes + _polylines(rng, 1)
 
 
 def _affine(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +75,7 @@ def render_glyph(strokes: list[np.ndarray], rng: np.random.Generator, h: int, w:
                  ) -> np.ndarray:
     """One jittered drawing of `strokes` as an (h, w) uint8 bitmap, background 255."""
     matrix, shift = _affine(rng)
-    keep = [s for s in strokes if rng.random() > 0.12] or strokes[:2]
+    keep = [s for s in strokes if rng.random() > 0.1] or strokes[:2]
     stray = [rng.uniform(0.1, 0.9, (2, 2)) for _ in range(int(rng.integers(0, 3)))]
     side = min(h, w)
     pen = max(1, int(round(side * rng.uniform(0.035, 0.08))))
