@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only or full val folder: say which path, not a traceback
+        print(f"error: ImageNet: cannot move into {err.filename or args.val} "
+              f"({err.strerror or err}); make the val folder writable and run again (a re-run "
+              "moves only what is left).", file=sys.stderr)
+        return 2
     print(f"{'would move' if args.dry_run else 'moved'} {n} images into class folders")
     return 0
 

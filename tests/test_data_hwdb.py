@@ -12,6 +12,7 @@ from kron.data.gnt import (
     char_to_code,
     code_to_char,
     encode_record,
+    find_header,
     iter_gnt,
     level1_codes,
     level1_label,
@@ -161,3 +162,103 @@ def test_cli_convert_and_info(tmp_path, capsys):
         assert f["train/x"].compression == "gzip"
     assert main(["info", str(out)]) == 0
     assert "train: 7 images 24x24, label set gb2312-level1, 3755 classes" in capsys.readouterr().out
+
+
+def _records(n):
+    """`n` records of 16x16 bitmaps: 266 bytes each (10-byte header + 256 pixels)."""
+    return [encode_record(char_to_code(CHARS[i % len(CHARS)]), _square(100 + i)) for i in range(n)]
+
+
+def test_skip_corrupt_resyncs_after_a_bad_size_field(tmp_path, capsys):
+    """One wrong size field in 50 records loses that record only: the reader scans forward to
+    the next valid header (record 8, at 8 * 266), so 49 are written and nothing is unread."""
+    raw = [bytearray(r) for r in _records(50)]
+    raw[7][0:4] = (266 + 7).to_bytes(4, "little")
+    path = tmp_path / "x.gnt"
+    path.write_bytes(b"".join(raw))
+    out = tmp_path / "h.h5"
+    assert main(["convert", "--split", "train", "--out", str(out), "--size", str(S),
+                 "--skip-corrupt", "--no-progress", str(path)]) == 0
+    line = capsys.readouterr().out
+    assert "wrote 49 images" in line and "skipped 1 corrupt records (x.gnt bytes 1862-2128)" in line
+    assert "left 0 bytes unread" in line
+    ds = HWDB(out, "train")
+    kept = [i for i in range(50) if i != 7]
+    assert all(np.array_equal(ds[j][0][0].numpy(), _square(100 + i)) for j, i in enumerate(kept))
+    with h5py.File(out) as f:
+        assert (f["train"].attrs["skipped_corrupt"], f["train"].attrs["unread_bytes"]) == (1, 0)
+        x = f["train/x"][:]
+    small = convert([path], tmp_path / "b.h5", "train", size=S, skip_corrupt=True,
+                    progress=False, block=4)  # 49 = 12 blocks of 4 + a tail of 1
+    assert small.skipped == [(str(path), 1862, 2128)] and small.unread == []
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert np.array_equal(f["train/x"][:], x)
+
+
+def test_resync_needs_a_following_header(tmp_path):
+    """A header-like pattern inside garbage is not taken unless a header (or EOF) follows it."""
+    good = _records(1)[0]
+    bad = bytearray(good)
+    bad[0:4] = (9999).to_bytes(4, "little")
+    decoy = encode_record(char_to_code("中"), np.zeros((1, 1), np.uint8)) + b"\x00" * 7
+    path = tmp_path / "x.gnt"
+    path.write_bytes(good + bad + decoy + good)
+    recs = list(iter_gnt(path, skip_corrupt=True))
+    assert [type(r).__name__ for r in recs] == ["GntRecord", "GntError", "GntRecord"]
+    assert (recs[1].offset, recs[1].resume) == (266, 2 * 266 + len(decoy)) == (266, recs[2].offset)
+    with open(path, "rb") as f:  # a tiny scan window finds the same header across windows
+        assert find_header(f, 267, path.stat().st_size, chunk=3) == recs[1].resume
+
+
+def test_skip_corrupt_reports_unread_tail_and_fails(tmp_path, capsys):
+    """No valid header after a bad record: the rest is left unread, said with offsets, exit 3."""
+    good = _records(1)[0]
+    bad = bytearray(good)
+    bad[0:4] = (1).to_bytes(4, "little")
+    path = tmp_path / "x.gnt"
+    path.write_bytes(good + bad + b"\xff" * 500)
+    out = tmp_path / "h.h5"
+    assert main(["convert", "--split", "train", "--out", str(out), "--size", str(S),
+                 "--skip-corrupt", "--no-progress", str(path)]) == 3
+    captured = capsys.readouterr()
+    assert "wrote 1 images" in captured.out and "skipped 0 corrupt records" in captured.out
+    assert "left 766 bytes unread (x.gnt bytes 266-1032)" in captured.out
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: CASIA-HWDB: 766 bytes")
+    assert len(HWDB(out, "train")) == 1
+
+
+@pytest.mark.parametrize("bad", [-3, 3755])
+def test_out_of_range_label_fails_at_open(tmp_path, bad):
+    write_gnt(tmp_path / "a.gnt", [(c, _square(i)) for i, c in enumerate(CHARS)])
+    out = tmp_path / "h.h5"
+    convert([tmp_path / "a.gnt"], out, "train", size=S, progress=False)
+    with h5py.File(out, "a") as f:
+        f["train/y"][2] = bad
+    with pytest.raises(DatasetError, match=rf"h\.h5 \(label {bad} of image 2 in /train/y is "
+                       r"outside 0\.\.3754"):
+        HWDB(out, "train")
+
+
+@pytest.mark.parametrize("damage", ["x", "y", "codes", "truncate"])
+def test_damaged_hdf5_is_one_line(tmp_path, damage):
+    """A converted file with a dataset deleted or its tail cut fails at open, in one line."""
+    write_gnt(tmp_path / "a.gnt", [(c, _square(i)) for i, c in enumerate(CHARS)])
+    out = tmp_path / "h.h5"
+    convert([tmp_path / "a.gnt"], out, "train", size=S, progress=False)
+    if damage == "truncate":
+        out.write_bytes(out.read_bytes()[:-1000])
+    else:
+        with h5py.File(out, "a") as f:
+            del f[f"train/{damage}"]
+    with pytest.raises(DatasetError, match=r"CASIA-HWDB: cannot read .*h\.h5 .*Re-run the "
+                       "converter") as err:
+        HWDB(out, "train")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
+    write_gnt(tmp_path / "a.gnt", [("中", _square(0))])
+    assert main(["convert", "--split", "train", "--out", str(tmp_path / "a.gnt" / "h.h5"),
+                 "--no-progress", str(tmp_path / "a.gnt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {tmp_path / 'a.gnt'}" in err

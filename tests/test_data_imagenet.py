@@ -71,3 +71,31 @@ def test_errors(tmp_path, capsys):
     ds = ImageNet(tmp_path, "train")
     with pytest.raises(DatasetError, match=r"cannot read .*broken\.JPEG"):
         ds[0]
+
+
+@pytest.mark.parametrize("wnid", ["../escaped", "{abs}", "a/b", ".."])
+def test_sort_refuses_wnid_that_leaves_val(tmp_path, capsys, wnid):
+    """A meta.mat WNID that is not a plain folder name moves nothing and is one line."""
+    val = tmp_path / "imagenet" / "val"
+    wnid = wnid.format(abs=tmp_path / "abs_escape")
+    samples = [(_img(0), wnid), (_img(1), WNIDS[0])]
+    write_imagenet_flat_val(tmp_path / "imagenet", tmp_path / "devkit", samples,
+                            [wnid, WNIDS[0]])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert _script("sort_imagenet_val").main(
+        ["--val", str(val), "--devkit", str(tmp_path / "devkit")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"entry {wnid!r}" in err and "meta.mat" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_sort_os_error_is_one_line(tmp_path, capsys):
+    """A class folder that cannot be made (a file is in the way) is one line naming it."""
+    val = tmp_path / "imagenet" / "val"
+    write_imagenet_flat_val(tmp_path / "imagenet", tmp_path / "devkit", [(_img(0), WNIDS[0])],
+                            WNIDS[:1])
+    (val / WNIDS[0]).write_text("in the way")
+    assert _script("sort_imagenet_val").main(
+        ["--val", str(val), "--devkit", str(tmp_path / "devkit")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot move into {val / WNIDS[0]}" in err

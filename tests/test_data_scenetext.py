@@ -79,3 +79,26 @@ def test_chars74k_errors(tmp_path):
         Chars74K(tmp_path)
     with pytest.raises(DatasetError, match="unknown split"):
         Chars74K(tmp_path, split="val")
+
+
+@pytest.mark.parametrize("entry", ["../../outside.png", "{abs}", "char/../../outside.png"])
+def test_icdar03_refuses_paths_outside_root(tmp_path, entry):
+    """A char.xml entry that resolves outside the dataset folder is refused, even when the
+    file it names exists."""
+    import xml.etree.ElementTree as ET
+
+    from kron.data.errors import UnsafePathError
+    from kron.data.synthetic import write_image
+
+    outside = write_image(tmp_path / "outside.png", _img(0))
+    root = tmp_path / "a" / "train"
+    write_icdar03(root, [(_img(1), "A")], ext="png")
+    entry = entry.format(abs=outside)
+    top = ET.Element("imagelist")
+    ET.SubElement(top, "image", file="char/1/1.png", tag="A")
+    ET.SubElement(top, "image", file=entry, tag="B")
+    ET.ElementTree(top).write(root / "char.xml", encoding="utf-8")
+    with pytest.raises(UnsafePathError, match=rf"entry '{entry}' in .*char\.xml would lead "
+                       "outside") as info:
+        ICDAR03Chars(root)
+    assert isinstance(info.value, DatasetError) and "\n" not in str(info.value)

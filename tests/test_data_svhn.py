@@ -177,3 +177,14 @@ def test_synth_hard_config_composes():
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert data["synth"] == {"n_train": 6000, "n_test": 2000, "seed": 0, "difficulty": "hard"}
     assert data["root"].endswith("synth_svhn_hard") and data["name"] == "synth_svhn"
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.5, 0.99])
+def test_truncated_mat_is_one_line(tmp_path, keep):
+    """A .mat cut short anywhere is one DatasetError line naming the file, not scipy's error."""
+    path = write_svhn(tmp_path, "train", np.zeros((40, 3, 32, 32), np.uint8), [1] * 40)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(DatasetError, match=r"SVHN: cannot read .*train_32x32\.mat") as err:
+        SVHN(tmp_path, "train", verify_md5=False)
+    assert "\n" not in str(err.value)

@@ -4,8 +4,8 @@
 normalised float tensors; the classes below give raw `(uint8 tensor (C, H, W), int label)` items
 with `transform=None`, and each has `.classes`. `build_loader` is the one DataLoader builder
 (training and tests): per-rank shards, per-sample seeded augmentation, the config's loader
-options. Every problem with files on disk raises `DatasetError` with a one-line message saying
-what is wrong and how to fix it.
+options. Every problem with files on disk raises `DatasetError` (or a subclass: `UnsafePathError`,
+`kron.data.gnt.GntError`) with a one-line message saying what is wrong and how to fix it.
 
 Names are imported on first use, so `python -m kron.data.hwdb` and friends run without the
 package importing their module twice.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import DatasetError
+from .errors import DatasetError, UnsafePathError
 
 _EXPORTS = {
     "SVHN": "svhn",
@@ -33,6 +33,7 @@ _EXPORTS = {
 
 __all__ = [
     "DatasetError",
+    "UnsafePathError",
     "SVHN",
     "HWDB",
     "ICDAR03Chars",

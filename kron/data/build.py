@@ -15,7 +15,7 @@ from .hwdb import HWDB
 from .imagenet import ImageNet
 from .scenetext import Chars74K, ICDAR03Chars
 from .svhn import SVHN
-from .synthetic import ensure_synth_svhn
+from .synthetic import ensure_synth_hwdb, ensure_synth_svhn
 from .transforms import build_transform
 
 NAMES = ("svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet")
@@ -76,7 +76,10 @@ def build_dataset(cfg: Any, split: str, transform: Callable | None | str = "conf
         return SVHN(root, c.get(f"{split}_split", split), transform,
                     verify_md5=bool(c.get("verify_md5", name == "svhn")))
     if name == "hwdb":
-        return HWDB(resolve_path(c["path"]), c.get(f"{split}_split", split), transform)
+        path = resolve_path(c["path"])
+        if c.get("synth"):
+            _ensure_synth_hwdb(path, c)
+        return HWDB(path, c.get(f"{split}_split", split), transform)
     if name == "icdar03":
         root = resolve_path(c["root"]) / c.get(f"{split}_subdir", split)
         return ICDAR03Chars(root, bool(c.get("case_sensitive", True)), transform)
@@ -85,6 +88,16 @@ def build_dataset(cfg: Any, split: str, transform: Callable | None | str = "conf
                         split, transform, float(c.get("test_fraction", 0.25)),
                         int(c.get("split_seed", 0)))
     return ImageNet(resolve_path(c["root"]), "train" if train else "val", transform)
+
+
+def _ensure_synth_hwdb(path: Path, c: dict[str, Any]) -> None:
+    """Draw the synthetic HWDB a config with a `synth` block asks for (data=synth_hwdb); its
+    class count and image size are the config's `num_classes` and `input_size`."""
+    synth = dict(c["synth"])
+    if synth.pop("difficulty", "easy") != "easy":
+        raise DatasetError("synthetic HWDB has one difficulty; drop data.synth.difficulty.")
+    ensure_synth_hwdb(path, num_classes=int(c["num_classes"]), size=int(c["input_size"]),
+                      **synth)
 
 
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,12 +77,33 @@ def find_gnt_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 @dataclass
 class ConvertStats:
-    """What a conversion kept and dropped."""
+    """What a conversion kept and dropped; byte ranges are (file, start, end) with end
+    exclusive."""
 
     written: int = 0
     dropped_classes: int = 0  # records outside the kept label set
-    skipped_corrupt: int = 0
+    skipped: list[tuple[str, int, int]] = field(default_factory=list)  # corrupt, resynced past
+    unread: list[tuple[str, int, int]] = field(default_factory=list)  # no header after a bad one
     files: list[str] = field(default_factory=list)
+
+    @property
+    def skipped_corrupt(self) -> int:
+        """How many corrupt stretches were skipped (each one bad record, or several in a row)."""
+        return len(self.skipped)
+
+    def note(self, err: GntError, size: int) -> None:
+        """Count a corrupt record that `read_records` yielded (with `skip_corrupt`)."""
+        if err.resume is None:
+            self.unread.append((str(err.path), err.offset, size))
+        else:
+            self.skipped.append((str(err.path), err.offset, err.resume))
+
+
+def describe(ranges: list[tuple[str, int, int]], limit: int = 5) -> str:
+    """`a.gnt bytes 266-532, ...` for the first `limit` byte ranges (end exclusive)."""
+    parts = [f"{os.path.basename(f)} bytes {a}-{b}" for f, a, b in ranges[:limit]]
+    more = len(ranges) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def convert(
@@ -118,42 +139,61 @@ def convert(
             "x", shape=(0, 1, size, size), maxshape=(None, 1, size, size), dtype=np.uint8,
             chunks=(1, 1, size, size), compression=compression,
         )
-        codes: list[int] = []
-        buf: list[np.ndarray] = []
-
-        def flush() -> None:
-            if buf:
-                n = x.shape[0]
-                x.resize(n + len(buf), axis=0)
-                x[n:] = np.stack(buf)[:, None]
-                buf.clear()
-
         with tqdm(total=total, unit="B", unit_scale=True, desc=split,
                   disable=not progress) as bar:
-            for path in files:
-                done = 0
-                for rec in iter_gnt(path, skip_corrupt):
-                    if isinstance(rec, GntError):
-                        stats.skipped_corrupt += 1
-                        continue
-                    bar.update(rec.offset - done)
-                    done = rec.offset
-                    if not all_classes and level1_label(rec.code) is None:
-                        stats.dropped_classes += 1
-                        continue
-                    codes.append(rec.code)
-                    buf.append(normalise(rec.bitmap, size))
-                    if len(buf) >= block:
-                        flush()
-                bar.update(path.stat().st_size - done)
-            flush()
+            images = _kept_images(files, stats, size, all_classes, skip_corrupt, bar.update)
+            codes = _append(x, images, block)
         stats.written = x.shape[0]
         _write_labels(dst, split, np.asarray(codes, dtype=np.int64), all_classes)
         grp.attrs["size"] = size
         grp.attrs["sources"] = [os.path.basename(f) for f in stats.files]
         grp.attrs["skipped_corrupt"] = stats.skipped_corrupt
+        grp.attrs["unread_bytes"] = sum(b - a for _, a, b in stats.unread)
         grp.attrs["dropped_classes"] = stats.dropped_classes
     return stats
+
+
+def _kept_images(files: list[Path], stats: ConvertStats, size: int, all_classes: bool,
+                 skip_corrupt: bool, advance: Callable[[int], object]
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(code, normalised image) of every kept record of `files`; counts the rest in `stats`.
+
+    `advance(n)` is told how many more bytes were read (the progress bar).
+    """
+    for path in files:
+        done, file_size = 0, path.stat().st_size
+        for rec in iter_gnt(path, skip_corrupt):
+            if isinstance(rec, GntError):
+                stats.note(rec, file_size)
+                continue
+            advance(rec.offset - done)
+            done = rec.offset
+            if not all_classes and level1_label(rec.code) is None:
+                stats.dropped_classes += 1
+                continue
+            yield rec.code, normalise(rec.bitmap, size)
+        advance(file_size - done)
+
+
+def _append(x: h5py.Dataset, images: Iterable[tuple[int, np.ndarray]], block: int) -> list[int]:
+    """Append the images to the resizable dataset `x`, `block` at a time; return their codes."""
+    codes: list[int] = []
+    buf: list[np.ndarray] = []
+    for code, image in images:
+        codes.append(code)
+        buf.append(image)
+        if len(buf) >= block:
+            _flush(x, buf)
+    _flush(x, buf)
+    return codes
+
+
+def _flush(x: h5py.Dataset, buf: list[np.ndarray]) -> None:
+    if buf:
+        n = x.shape[0]
+        x.resize(n + len(buf), axis=0)
+        x[n:] = np.stack(buf)[:, None]
+        buf.clear()
 
 
 def _copy_other_splits(out: Path, dst: h5py.File, split: str) -> None:
@@ -229,8 +269,12 @@ class HWDB(Dataset):
             raise corrupt(WHAT, self.path, f"/{split}/x is {dtype} {shape}, not uint8 (N,1,S,S)")
         if shape[0] != len(self.targets):
             raise corrupt(WHAT, self.path, f"{shape[0]} images but {len(self.targets)} labels")
-        if len(self.targets) and int(self.targets.max()) >= len(self.codes):
-            raise corrupt(WHAT, self.path, "labels beyond the stored label table")
+        bad = torch.nonzero((self.targets < 0) | (self.targets >= len(self.codes)))
+        if len(bad):
+            i = int(bad[0])
+            raise corrupt(WHAT, self.path, f"label {int(self.targets[i])} of image {i} in "
+                          f"/{split}/y is outside 0..{len(self.codes) - 1}, the stored label "
+                          f"table ({len(bad)} such labels)", "Re-run the converter")
         self.classes = [code_to_char(c) for c in self.codes]
         self.size = shape[2]
         self._file: h5py.File | None = None
@@ -295,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--all-classes", action="store_true",
                    help="keep every tag code, not only the 3,755 GB2312 level-1 characters")
     c.add_argument("--skip-corrupt", action="store_true",
-                   help="skip malformed records (counted) instead of stopping")
+                   help="skip malformed records and go on at the next valid record header; "
+                   "the summary gives their byte offsets, and the exit status is 3 if bytes "
+                   "were left unread (no valid header after a bad record)")
     c.add_argument("--compression", choices=("gzip", "lzf"), default=None,
                    help="compress the images (smaller file, slower reads); default none")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -313,11 +359,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.out}:/{args.split}: wrote {stats.written} images from {len(stats.files)} "
-          f"files; dropped {stats.dropped_classes} outside the label set; skipped "
-          f"{stats.skipped_corrupt} corrupt records")
+    except OSError as err:  # the output folder: read-only, full disk, ...
+        print(f"error: {WHAT}: cannot write {err.filename or args.out} ({err.strerror or err}); "
+              "choose a writable --out with free space.", file=sys.stderr)
+        return 2
+    print(report(stats, f"{args.out}:/{args.split}"))
+    if stats.unread:
+        print(f"error: {WHAT}: {sum(b - a for _, a, b in stats.unread)} bytes left unread "
+              f"after a corrupt record with no valid record header after it "
+              f"({describe(stats.unread)}); the records there are not in {args.out}. "
+              "Re-extract those .gnt files (see data/README.md).", file=sys.stderr)
+        return 3
     return 0
 
+
+def report(stats: ConvertStats, where: str) -> str:
+    """The converter's one-line summary: written, dropped, skipped and unread, with offsets."""
+    line = (f"{where}: wrote {stats.written} images from {len(stats.files)} files; dropped "
+            f"{stats.dropped_classes} outside the label set; skipped {stats.skipped_corrupt} "
+            "corrupt records")
+    if stats.skipped:
+        line += f" ({describe(stats.skipped)})"
+    unread = sum(b - a for _, a, b in stats.unread)
+    return line + f"; left {unread} bytes unread" + (f" ({describe(stats.unread)})"
+                                                     if unread else "")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,11 +12,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import scipy.io
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DatasetError, corrupt, missing
+from .errors import DatasetError, corrupt, inside, missing
 from .images import is_image, read_image
 
 WHAT = "ImageNet"
@@ -73,14 +74,13 @@ class ImageNet(Dataset):
 
 def read_devkit(devkit: str | Path) -> list[str]:
     """The WNID of each validation image (index 0 = ILSVRC2012_val_00000001) from the devkit."""
-    devkit = Path(devkit)
-    data = devkit / "data" if (devkit / "data").is_dir() else devkit
+    data = _data_dir(devkit)
     meta, truth = data / "meta.mat", data / "ILSVRC2012_validation_ground_truth.txt"
     for path in (meta, truth):
         if not path.is_file():
             raise missing(WHAT, path, "Extract ILSVRC2012_devkit_t12.tar.gz and pass its folder")
     try:
-        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+        synsets = np.atleast_1d(scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"])
         id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
     except Exception as err:  # scipy's errors for a bad .mat vary; all mean the same here
         raise corrupt(WHAT, meta, err, "Re-extract the devkit") from None
@@ -91,15 +91,25 @@ def read_devkit(devkit: str | Path) -> list[str]:
         raise corrupt(WHAT, truth, err, "Re-extract the devkit") from None
 
 
+def _data_dir(devkit: str | Path) -> Path:
+    """The devkit folder holding meta.mat: `devkit/data`, or `devkit` itself."""
+    devkit = Path(devkit)
+    return devkit / "data" if (devkit / "data").is_dir() else devkit
+
+
 def sort_val(val: str | Path, devkit: str | Path, dry_run: bool = False) -> int:
     """Move `val/ILSVRC2012_val_%08d.JPEG` into `val/<wnid>/`; returns how many were moved.
 
-    Files already sorted are left alone, so an interrupted run can be resumed.
+    Files already sorted are left alone, so an interrupted run can be resumed. Every WNID is
+    checked to be a plain folder name before anything moves (`UnsafePathError` otherwise), so a
+    damaged `meta.mat` cannot move images outside `val`.
     """
     val = Path(val)
     if not val.is_dir():
         raise missing(WHAT, val, "Extract ILSVRC2012_img_val.tar there")
     wnids = read_devkit(devkit)
+    meta = _data_dir(devkit) / "meta.mat"
+    folders = {w: inside(val, w, WHAT, meta, single=True) for w in sorted(set(wnids))}
     moved = 0
     for i, wnid in enumerate(wnids, start=1):
         src = next((val / f"ILSVRC2012_val_{i:08d}{ext}" for ext in (".JPEG", ".jpeg", ".jpg",
@@ -108,8 +118,8 @@ def sort_val(val: str | Path, devkit: str | Path, dry_run: bool = False) -> int:
             continue
         moved += 1
         if not dry_run:
-            (val / wnid).mkdir(exist_ok=True)
-            os.replace(src, val / wnid / src.name)
+            folders[wnid].mkdir(exist_ok=True)
+            os.replace(src, folders[wnid] / src.name)
     left = [p.name for p in val.iterdir() if p.is_file() and is_image(p)]
     if left and not dry_run:
         raise DatasetError(

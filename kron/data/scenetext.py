@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DatasetError, corrupt, missing
+from .errors import DatasetError, corrupt, inside, missing
 from .images import is_image, read_image
 
 CLASSES_62 = list(string.digits + string.ascii_uppercase + string.ascii_lowercase)
@@ -60,8 +60,9 @@ class _ImageList(Dataset):
 class ICDAR03Chars(_ImageList):
     """ICDAR 2003 robust character recognition: `root/char.xml` lists `<image file= tag=/>`.
 
-    Paths in the XML are relative to `root`; non-alphanumeric tags are dropped. Point `root`
-    at the folder holding `char.xml` of the training or the test set.
+    Paths in the XML are relative to `root` and must stay inside it (`..` or an absolute path
+    that leads out is refused with `UnsafePathError`); non-alphanumeric tags are dropped. Point
+    `root` at the folder holding `char.xml` of the training or the test set.
     """
 
     what = "ICDAR 2003 chars"
@@ -87,7 +88,7 @@ class ICDAR03Chars(_ImageList):
             if label is None:
                 dropped += 1
                 continue
-            path = self.root / file.replace("\\", "/")
+            path = inside(self.root, file.replace("\\", "/"), self.what, xml)
             if not path.is_file():
                 absent.append(path)
             samples.append((path, label))

@@ -6,7 +6,8 @@ a temporary name in its folder and renamed into place.
 
 Command line:
 `python -m kron.data.synthetic svhn --out DIR --n-train N --n-test N --seed S [--difficulty hard]`
-`python -m kron.data.synthetic gnt --out FILE.gnt --n N --seed S`
+`python -m kron.data.synthetic gnt --out FILE.gnt --n N --seed S [--classes K]`
+`python -m kron.data.synthetic hwdb --out FILE.h5 --classes K --n-train N --n-test N --seed S`
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,13 +27,16 @@ from PIL import Image
 
 from kron.fileio import atomic_path
 
-from .gnt import char_to_code, encode_record, level1_codes
+from .gnt import char_to_code, encode_record
+from .hwdb import convert as convert_gnt
 from .scenetext import CHARS74K_SUBDIR
 from .svhn import svhn_file
+from .synth_hwdb import glyph_records
 from .synth_svhn import LEVELS, render_split
 from .synth_svhn import difficulty as synth_difficulty
 
 SYNTH_META = "synth_svhn.json"
+SYNTH_HWDB_VERSION = 1  # bump when the glyph renderer changes, so cached files are redrawn
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP"}
 
 
@@ -105,17 +110,54 @@ def write_gnt(path: str | Path, records: Iterable[tuple[str | int, np.ndarray]])
     return Path(path)
 
 
-def random_gnt_records(n: int, seed: int = 0, max_side: int = 80
-                       ) -> list[tuple[int, np.ndarray]]:
-    """`n` records with random level-1 codes and random-sized, random-ink bitmaps."""
-    rng = np.random.default_rng(seed)
-    codes = level1_codes()
-    out = []
-    for _ in range(n):
-        h, w = (int(v) for v in rng.integers(8, max_side + 1, 2))
-        bitmap = np.where(rng.random((h, w)) < 0.2, rng.integers(0, 200, (h, w)), 255)
-        out.append((int(codes[rng.integers(len(codes))]), bitmap.astype(np.uint8)))
-    return out
+def random_gnt_records(n: int, seed: int = 0, max_side: int = 80,
+                       num_classes: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """`n` records of class-dependent glyphs (`kron.data.synth_hwdb`), sides 8..`max_side`.
+
+    Codes are drawn from all 3,755 level-1 characters, or balanced over the first
+    `num_classes` of them (a learnable task: each class has its own stroke pattern).
+    """
+    return glyph_records(n, seed, num_classes, sides=(min(8, max_side), max_side))
+
+
+def write_synth_hwdb(path: str | Path, n_train: int = 4000, n_test: int = 1000,
+                     num_classes: int = 20, seed: int = 0, size: int = 64) -> Path:
+    """Write a learnable synthetic HWDB as the converter would: HDF5 splits `train`, `test`.
+
+    Both splits are rendered as real `.gnt` files (in a temporary folder) and converted with
+    `--all-classes`, so the file's label table holds exactly `num_classes` characters (set
+    `data.num_classes` to match) and labels are 0..num_classes-1. Train and test draw
+    different samples of the same class patterns.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (split, n) in enumerate((("train", n_train), ("test", n_test))):
+            sample_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+            gnt = write_gnt(Path(tmp) / f"{split}.gnt",
+                            glyph_records(n, sample_seed, num_classes))
+            convert_gnt([gnt], path, split, size=size, all_classes=True, progress=False)
+    return Path(path)
+
+
+def ensure_synth_hwdb(path: str | Path, n_train: int = 10000, n_test: int = 2000,
+                      num_classes: int = 50, seed: int = 0, size: int = 64) -> Path:
+    """Make sure HDF5 file `path` holds synthetic HWDB for these settings, writing it if not.
+
+    The settings are recorded beside it (`<name>.json`), so changing them redraws the file.
+    """
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    want = {"n_train": n_train, "n_test": n_test, "num_classes": num_classes, "seed": seed,
+            "size": size, "version": SYNTH_HWDB_VERSION}
+    if path.is_file() and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()) == want:
+                return path
+        except json.JSONDecodeError:
+            pass
+    write_synth_hwdb(path, n_train, n_test, num_classes, seed, size)
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(want))
+    return path
 
 
 def write_image(path: str | Path, image: np.ndarray) -> Path:
@@ -202,18 +244,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--n-test", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--difficulty", default="easy", choices=sorted(LEVELS))
-    g = sub.add_parser("gnt", help="write a .gnt of random level-1 characters and bitmaps")
+    g = sub.add_parser("gnt", help="write a .gnt of synthetic glyphs of level-1 characters")
     g.add_argument("--out", required=True)
     g.add_argument("--n", type=int, default=100)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--classes", type=int, default=None,
+                   help="balance over the first K level-1 characters (default: all 3,755)")
+    h = sub.add_parser("hwdb", help="write a learnable synthetic HWDB as converted HDF5")
+    h.add_argument("--out", required=True, help="HDF5 file (splits train and test)")
+    h.add_argument("--classes", type=int, default=20)
+    h.add_argument("--n-train", type=int, default=4000)
+    h.add_argument("--n-test", type=int, default=1000)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--size", type=int, default=64)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.command == "svhn":
         write_synth_svhn(args.out, args.n_train, args.n_test, args.seed, args.difficulty)
         what = (f"{args.n_train} train + {args.n_test} test {args.difficulty} images into "
                 f"{args.out}")
+    elif args.command == "hwdb":
+        write_synth_hwdb(args.out, args.n_train, args.n_test, args.classes, args.seed,
+                         args.size)
+        what = (f"{args.n_train} train + {args.n_test} test glyphs of {args.classes} classes "
+                f"into {args.out}")
     else:
-        write_gnt(args.out, random_gnt_records(args.n, args.seed))
+        write_gnt(args.out, random_gnt_records(args.n, args.seed, num_classes=args.classes))
         what = f"{args.n} records into {args.out}"
     print(f"wrote {what} in {time.perf_counter() - start:.1f} s")
     return 0
