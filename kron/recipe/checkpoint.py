@@ -111,14 +111,24 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors alike: unreadable
-        detail = " ".join(str(err).split())[:160] or type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {detail}); "
+        raise CheckpointError(f"cannot read checkpoint {path} ({_why_unreadable(path, err)}); "
                               "it is truncated or not a kron checkpoint: delete it or resume "
                               "from another") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a kron checkpoint (a {type(ckpt).__name__}, not "
                               "a dict); resume from a last.pt that kron.train wrote")
     return ckpt
+
+
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    """The reader's complaint, first sentence only (torch's zip reader adds a paragraph)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+    except OSError:
+        pass
+    first = " ".join(str(err).split()).split(". ")[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:

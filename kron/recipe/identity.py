@@ -38,7 +38,8 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping) or not d:
+    """Leaves of nested mappings by dotted key (an empty mapping has none)."""
+    if not isinstance(d, Mapping):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -97,14 +97,13 @@ def make_run_dir(run_dir: Path) -> None:
 @contextmanager
 def hold_run_dir(run_dir: Path, record: RunRecord) -> Iterator[None]:
     """Rank 0's hold on the run folder: the run marker (refused, with nothing written, when a
-    live job holds it), then stale temporary files removed, the run's record written and its
-    log opened (kron/recipe/record.py)."""
-    with run_marker(run_dir):
+    live job holds it), then its log opened, stale temporary files removed and the run's
+    record written (kron/recipe/record.py)."""
+    with run_marker(run_dir), run_log(run_dir):
         for p in remove_stale_temps(run_dir):
             print(f"removed {p} (left by a killed writer)")
         write_record(run_dir, record)
-        with run_log(run_dir):
-            yield
+        yield
 
 
 @contextmanager
