@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from kron.cli_check import cli_config_error
 from kron.config_schema import ConfigError, check_train_config
 from kron.distributed import DistContext
+from kron.errors import OutputFolderError
 from kron.layers import KronLinear
 from kron.paths import CONFIG_DIR
-from kron.errors import OutputFolderError
 from kron.recipe.checkpoint import (
     CKPT_NAME,
     MARKER_NAME,
@@ -273,7 +273,8 @@ def test_resume_true_never_picks_a_running_run(tmp_path, live_pid, capsys):
         save_checkpoint(run / CKPT_NAME, config=OmegaConf.to_yaml(config))
         os.utime(run / CKPT_NAME, (1e9 - age, 1e9 - age))
     out = root / "day2" / "now"
-    assert find_resume(True, out, {**config, "resume": True}, root) == root / "day/newer" / CKPT_NAME
+    newer = root / "day/newer" / CKPT_NAME
+    assert find_resume(True, out, {**config, "resume": True}, root) == newer
     _marker(root / "day" / "newer", live_pid)
     assert find_resume(True, out, config, root) == root / "day/older" / CKPT_NAME
     assert f"skipping {root / 'day/newer'} is in use by pid {live_pid}" \

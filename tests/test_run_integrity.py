@@ -81,15 +81,15 @@ def live_pid():
 
 # ----------------------------------------------------------------------------- refused runs
 def test_refused_run_leaves_the_live_runs_folder_byte_identical(tiny, tmp_path, live_pid):
-    # A: a real run's folder (record, log, checkpoint), held by a live process on this host
+    # A: a run's folder (record, log, checkpoint), held by a live process on this host
     a = tmp_path / "A"
-    done = cli([*tiny, "stop_after_epochs=1", f"hydra.run.dir={a}"])
-    assert done.returncode == 0, done.stderr
+    files = {"config.yaml": "seed: 0\n", "overrides.yaml": "- seed=0\n", "hydra.yaml": "x\n"}
+    train(cfg_of([*tiny, "stop_after_epochs=1"]), a, tiny, RunRecord(files))
     (a / MARKER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": live_pid}))
     before = digest(a)
     assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log",
             CKPT_NAME, MARKER_NAME} <= set(before)
-    # B: another seed, same folder -- refused in one line, and A's folder is untouched
+    # B: another seed, same folder, through Hydra -- refused in one line, A's folder untouched
     b = cli([*tiny, "seed=7", f"hydra.run.dir={a}"])
     assert b.returncode == 2 and b.stdout == ""
     assert b.stderr == (f"error: run folder {a} is in use by pid {live_pid} on "
@@ -251,17 +251,15 @@ def test_unwritable_folder_is_one_line(tmp_path, monkeypatch):
     assert isinstance(OutputFolderError("x"), OSError)  # callers catching OSError still do
 
 
-@pytest.mark.parametrize("args,line", [
-    (["implementation=bogus"], "error: implementation: expected one of 'auto', 'factored', "
-                               "'dense', 'triton' or null, got 'bogus'"),
-    (["model.width=-1"], "error: model.width: expected a value > 0, got -1"),
-    (["stop_after_epochs=-1"], "error: stop_after_epochs: expected a value >= 1, got -1"),
-])
-def test_bad_values_are_one_line_on_the_command_line(args, line):
-    proc = cli(args)
-    assert proc.returncode == 2 and proc.stderr == line + "\n" and proc.stdout == ""
+def test_bad_value_is_one_line_on_the_command_line():
+    # (every range check: tests/test_recipe.py; the command line runs the same check)
+    proc = cli(["implementation=bogus"])
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == (
+        "error: implementation: expected one of 'auto', 'factored', 'dense', 'triton' or null, "
+        "got 'bogus'\n")
 
 
+@pytest.mark.slow
 def test_kron_debug_shows_the_traceback(tiny, cut, tmp_path):
     proc = cli([*tiny, "seed=7", f"resume={cut}", f"hydra.run.dir={tmp_path / 'r'}"])
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
