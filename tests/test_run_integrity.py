@@ -123,6 +123,20 @@ def test_refused_run_beside_a_running_process_changes_nothing(tiny, tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
+def test_multirun_jobs_write_their_own_record_and_log(tiny, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", *[o for o in tiny if o != "epochs=2"], "epochs=1", "seed=0,1",
+                f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr
+    for job in (0, 1):
+        folder = sweep / str(job)
+        assert OmegaConf.load(folder / ".hydra" / "config.yaml").seed == job
+        assert f"seed={job}" in OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+        assert OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.num == job
+        assert "epoch=1 train_loss=" in (folder / "train.log").read_text()
+
+
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("change,key", [
     (["seed=7"], "seed=0 in the checkpoint, 7 here"),
@@ -192,6 +206,8 @@ def test_search_root_is_the_day_folders_parent_or_the_sweep_folder(tmp_path):
     assert search_root(hc(default, []), multirun=False) == tmp_path / "outputs" / "runs"
     assert search_root(hc("/scratch/newrun", ["hydra.run.dir=/scratch/newrun"]), False) is None
     assert search_root(hc(default, []), multirun=True) == tmp_path / "sweep"
+    # a run folder set elsewhere (a local config) without the day layout: itself only
+    assert search_root(hc("/scratch/newrun", []), multirun=False) is None
 
 
 def test_unreadable_checkpoints_are_one_line_naming_the_path(tiny, cut, tmp_path):

@@ -11,6 +11,7 @@ run marker, whatever the launcher (plain, multirun, torchrun, submitit). See doc
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from kron.fileio import atomic_write_text
 
 RECORD_DIR = ".hydra"
 LOG_NAME = "train.log"
+DAY_FOLDER = re.compile(r"\d{4}-\d{2}-\d{2}")  # configs/train.yaml: hydra.run.dir's day
 
 
 @dataclass
@@ -54,13 +56,15 @@ def hydra_record(task_cfg: DictConfig) -> RunRecord:
 
 def search_root(hc: Any, multirun: bool) -> Path | None:
     """Where ``resume=true`` looks beyond the run folder: a multirun's sweep folder; the folder
-    of the day folders when ``hydra.run.dir`` keeps kron's ``<root>/<day>/<time>`` layout (not
-    overridden on the command line); else nowhere (a folder the user named holds one run)."""
+    of the day folders when the run folder keeps kron's ``<root>/<YYYY-MM-DD>/<time>`` layout
+    and ``hydra.run.dir`` was not set on the command line; else nowhere (a folder the user
+    named holds one run, and what lies above it is not kron's)."""
     if multirun:
         return Path(str(hc.sweep.dir)).absolute()
     if any(o.split("=")[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra):
         return None
-    return Path(str(hc.runtime.output_dir)).absolute().parents[1]
+    run_dir = Path(str(hc.runtime.output_dir)).absolute()
+    return run_dir.parents[1] if DAY_FOLDER.fullmatch(run_dir.parent.name) else None
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
