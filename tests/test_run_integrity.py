@@ -24,7 +24,7 @@ from kron.errors import CheckpointError, ConfigError, OutputFolderError
 from kron.fileio import atomic_write, atomic_write_text
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import CKPT_NAME, MARKER_NAME, load_checkpoint, save_checkpoint
-from kron.recipe.record import RunRecord, search_root
+from kron.recipe.record import RunRecord, search_root, unusable_folder
 from kron.recipe.resume import find_resume
 from kron.train import train
 
@@ -265,6 +265,18 @@ def test_unwritable_folder_is_one_line(tmp_path, monkeypatch):
                        r"denied \(make the folder writable or write elsewhere"):
         atomic_write_text(tmp_path / "results.json", "{}")
     assert isinstance(OutputFolderError("x"), OSError)  # callers catching OSError still do
+
+
+def test_run_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    proc = cli(["epochs=1", f"hydra.run.dir={tmp_path / 'afile' / 'run'}"])
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == (
+        f"error: cannot create {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, "
+        "not a folder (choose another hydra.run.dir)\n")
+    assert unusable_folder(tmp_path / "new" / "run") is None
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert unusable_folder(tmp_path / "new" / "run") == (
+        f"cannot create {tmp_path / 'new' / 'run'}: {tmp_path} is not writable")
 
 
 def test_bad_value_is_one_line_on_the_command_line():

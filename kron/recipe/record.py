@@ -11,6 +11,7 @@ run marker, whatever the launcher (plain, multirun, torchrun, submitit). See doc
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kron.fileio import atomic_write_text
@@ -65,6 +67,36 @@ def search_root(hc: Any, multirun: bool) -> Path | None:
         return None
     run_dir = Path(str(hc.runtime.output_dir)).absolute()
     return run_dir.parents[1] if DAY_FOLDER.fullmatch(run_dir.parent.name) else None
+
+
+def unusable_folder(folder: str | Path) -> str | None:
+    """Why ``folder`` cannot be created or written (one line), or None if it looks usable: the
+    nearest existing folder on its path must be a folder this process may write into."""
+    folder = Path(folder).absolute()
+    near = next(p for p in (folder, *folder.parents) if p.exists())
+    if not near.is_dir():
+        return f"cannot create {folder}: {near} is a file, not a folder"
+    if not os.access(near, os.W_OK | os.X_OK):
+        return f"cannot create {folder}: {near} is not writable"
+    return None
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback (configs/train.yaml): before Hydra creates the run or sweep folder, check
+    that it can, so an unusable ``hydra.run.dir`` is one line on stderr (exit 2), not Hydra's
+    traceback from ``mkdir``."""
+
+    def _check(self, folder: Any, key: str) -> None:
+        problem = unusable_folder(str(folder))
+        if problem:
+            print(f"error: {problem} (choose another {key})", file=sys.stderr)
+            raise SystemExit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
