@@ -19,12 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from kron.errors import ConfigError
+
 OPTIMIZER_META = ("_target_", "decay_kron_factors")  # keys of `optimizer` that are not kwargs
 MODEL_SIZE_ARGS = ("num_classes", "in_channels", "input_size")  # filled from the data config
 
 
-class ConfigError(ValueError):
-    """A config value of the wrong type, or a key nothing reads (message: one line)."""
+__all__ = ["ConfigError", "check_against", "check_kwargs", "check_train_config"]
 
 
 @dataclass
@@ -115,13 +116,14 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     seed: int = 0
     resume: bool | str = False
+    resume_force: bool = False
     init_from: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool | Literal["auto"] = "auto"
-    implementation: str | None = None
+    implementation: str | None = None  # one of kron.layers.kronecker.IMPLEMENTATIONS
     plan_layers: bool = False
     compile: bool = False
     sync_bn: bool = True
@@ -131,7 +133,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
     threads: int | None = None
-    stop_after_epochs: int | None = None
+    stop_after_epochs: int | None = field(default=None, metadata={"min": 1})
 
 
 # ----------------------------------------------------------------------------- the checker
@@ -269,3 +271,31 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"model.name: expected one of {', '.join(MODELS)}, got "
                           f"{model.get('name')!r}")
     check_kwargs(model, MODELS[model["name"]], "model", skip=("name",))
+    _check_positive(cfg)
+    _check_implementation(cfg.get("implementation"))
+
+
+def _check_implementation(value: Any) -> None:
+    from kron.layers.kronecker import IMPLEMENTATIONS
+
+    if value is not None and value not in IMPLEMENTATIONS:
+        raise ConfigError(f"implementation: expected one of {', '.join(map(repr, IMPLEMENTATIONS))}"
+                          f" or null, got {value!r}")
+
+
+#: numbers that must be > 0 (where present); ``optimizer.lr`` may be 0 (frozen weights, used
+#: to evaluate an initialisation) but not negative
+POSITIVE = ("model.width",)
+NON_NEGATIVE = ("optimizer.lr",)
+
+
+def _check_positive(cfg: Mapping[str, Any]) -> None:
+    for key in (*POSITIVE, *NON_NEGATIVE):
+        group, name = key.split(".")
+        value = cfg.get(group, {}).get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"{key}: expected a value > 0, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")

@@ -23,19 +23,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from kron.cli_check import cli_config_error
 from kron.config_schema import ConfigError, check_train_config
 from kron.distributed import DistContext
+from kron.errors import OutputFolderError
 from kron.layers import KronLinear
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import (
     CKPT_NAME,
     MARKER_NAME,
-    find_resume,
     restore_rng,
     rng_state,
     run_marker,
     running_elsewhere,
+    save_checkpoint,
 )
 from kron.recipe.loop import evaluate
 from kron.recipe.optim import build_optimizer, lr_at, param_groups
+from kron.recipe.resume import find_resume
 from kron.recipe.setup import Job
 from kron.runtime import JobSettings, job_scope
 
@@ -69,6 +71,17 @@ def test_default_config_passes_the_schema():
     ("+model.depth=3", "model.depth: not an argument of svhn_net"),
     ("eval_every=0", "eval_every: expected a value >= 1, got 0"),
     ("data.loader.num_workers=-1", "data.loader.num_workers: expected a value >= 0, got -1"),
+    ("model.width=-1", "model.width: expected a value > 0, got -1"),
+    ("model.width=0", "model.width: expected a value > 0, got 0"),
+    ("stop_after_epochs=-1", "stop_after_epochs: expected a value >= 1, got -1"),
+    ("stop_after_epochs=0", "stop_after_epochs: expected a value >= 1, got 0"),
+    ("epochs=0", "epochs: expected a value >= 1, got 0"),
+    ("batch_size=0", "batch_size: expected a value >= 1, got 0"),
+    ("eval_batch_size=0", "eval_batch_size: expected a value >= 1, got 0"),
+    ("optimizer.lr=-0.1", "optimizer.lr: expected a value >= 0, got -0.1"),
+    ("implementation=bogus", "implementation: expected one of 'auto', 'factored', 'dense', "
+                             "'triton' or null, got 'bogus'"),
+    ("resume_force=maybe", "resume_force: expected a bool (true/false), got 'maybe'"),
 ])
 def test_schema_names_the_key_and_the_expected_type(override, message):
     with pytest.raises(ConfigError) as err:
@@ -248,26 +261,26 @@ def test_run_marker_lives_as_long_as_the_block(tmp_path, live_pid):
         raise KeyError("the job failed")
     assert not (tmp_path / MARKER_NAME).exists()
     _marker(tmp_path, live_pid)
-    with pytest.raises(RuntimeError, match=f"in use by pid {live_pid}"), run_marker(tmp_path):
+    with pytest.raises(OutputFolderError, match=f"in use by pid {live_pid}"), run_marker(tmp_path):
         pass
 
 
 def test_resume_true_never_picks_a_running_run(tmp_path, live_pid, capsys):
-    over = ["epochs=2"]
+    config = composed(["epochs=2"])
+    root = tmp_path / "runs"
     for name, age in (("older", 100), ("newer", 10)):
-        run = tmp_path / "runs" / "day" / name
-        (run / ".hydra").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create(over), run / ".hydra" / "overrides.yaml")
-        (run / CKPT_NAME).write_bytes(b"x")
+        run = root / "day" / name
+        save_checkpoint(run / CKPT_NAME, config=OmegaConf.to_yaml(config))
         os.utime(run / CKPT_NAME, (1e9 - age, 1e9 - age))
-    out = tmp_path / "runs" / "day2" / "now"
-    assert find_resume(True, out, [*over, "resume=true"]) == tmp_path / "runs/day/newer" / CKPT_NAME
-    _marker(tmp_path / "runs" / "day" / "newer", live_pid)
-    assert find_resume(True, out, over) == tmp_path / "runs/day/older" / CKPT_NAME
-    assert f"skipping {tmp_path / 'runs/day/newer'} is in use by pid {live_pid}" \
+    out = root / "day2" / "now"
+    newer = root / "day/newer" / CKPT_NAME
+    assert find_resume(True, out, {**config, "resume": True}, root) == newer
+    _marker(root / "day" / "newer", live_pid)
+    assert find_resume(True, out, config, root) == root / "day/older" / CKPT_NAME
+    assert f"skipping {root / 'day/newer'} is in use by pid {live_pid}" \
         in capsys.readouterr().out
-    _marker(tmp_path / "runs" / "day" / "older", live_pid)
-    assert find_resume(True, out, over) is None
+    _marker(root / "day" / "older", live_pid)
+    assert find_resume(True, out, config, root) is None
 
 
 # ----------------------------------------------------------------------------- RNG on resume

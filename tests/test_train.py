@@ -20,6 +20,7 @@ from kron.data import build_datasets
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import MARKER_NAME
 from kron.recipe.model import surgered_model
+from kron.recipe.record import RunRecord
 from kron.train import CKPT_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,17 +114,21 @@ def test_resume_true_finds_the_run_folder(tiny_data, tmp_path):
     assert res["epochs_done"] == 2 and res["history"][0]["epoch"] == 1
 
 
-def test_resume_true_finds_an_earlier_run_with_same_overrides(tiny_data, tmp_path):
+def test_resume_true_finds_an_earlier_run_of_the_same_config(tiny_data, tmp_path):
     # Hydra gives each launch a new folder: resume=true looks for the newest earlier run (any
-    # day under outputs/runs) whose recorded overrides equal this one's, resume= aside
+    # day under outputs/runs) whose checkpoint holds this run's config, resume= aside; the
+    # files beside a checkpoint do not count
     over = [*tiny_data, "epochs=2", "measure.enabled=false"]
-    first = tmp_path / "runs" / "day1" / "10-00-00_000001"
+    root = tmp_path / "runs"
+    first = root / "day1" / "10-00-00_000001"
     train(compose_cfg([*over, "stop_after_epochs=1"]), first, over)  # killed after epoch 1
-    (first / ".hydra").mkdir()
-    OmegaConf.save(OmegaConf.create(over), first / ".hydra" / "overrides.yaml")
-    other = tmp_path / "runs" / "day1" / "09-00-00_000001"  # different overrides: not it
+    other = root / "day1" / "09-00-00_000001"  # another seed: not it, whatever its files say
     train(compose_cfg([*over, "seed=1", "stop_after_epochs=1"]), other, [*over, "seed=1"])
-    res = run(tmp_path / "runs" / "day2" / "11-00-00_000001", [*over, "resume=true"])
+    (other / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(over), other / ".hydra" / "overrides.yaml")
+    os.utime(other / CKPT_NAME)  # the newest checkpoint under runs/
+    res = train(compose_cfg([*over, "resume=true"]), root / "day2" / "11-00-00_000001",
+                [*over, "resume=true"], RunRecord(search_root=root))
     epoch1 = torch.load(first / CKPT_NAME, weights_only=True)["history"][0]
     assert res["epochs_done"] == 2
     assert res["history"][0] == epoch1  # carried over (wall-clock throughput included)
@@ -150,8 +155,14 @@ def test_cli_run_writes_results_in_hydra_folder(tiny_data, tmp_path):
                     "measure.enabled=false", f"hydra.run.dir={out}"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     res = json.loads((out / "results.json").read_text())
-    assert res["epochs_done"] == 1 and (out / ".hydra" / "config.yaml").is_file()
+    assert res["epochs_done"] == 1
     assert f"hydra.run.dir={out}" not in res["overrides"] and "epochs=1" in res["overrides"]
+    # kron writes Hydra's record itself, once it holds the folder; train.log holds the log
+    assert OmegaConf.load(out / ".hydra" / "overrides.yaml") == res["overrides"]
+    assert OmegaConf.load(out / ".hydra" / "config.yaml").epochs == 1
+    assert OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra.run.dir == str(out)
+    log = (out / "train.log").read_text()
+    assert "epoch=1 train_loss=" in log and f"results: {out / 'results.json'}" in log
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -3,9 +3,9 @@
 A checkpoint (``last.pt``, written atomically at the end of every epoch) holds only tensors and
 primitive containers, so ``torch.load(weights_only=True)`` reads it: the model and optimizer
 state, the grad scaler, the epoch and step, the history, every rank's RNG state, the W&B id and
-the config as YAML. A run folder holds ``RUNNING.json`` (host and pid) while its job runs;
-``resume=true`` never picks a folder whose job is still alive. See docs/design.md, "The
-training recipe".
+the resolved config as YAML with the hash of what must match to resume it (kron/recipe/identity.py).
+A run folder holds ``RUNNING.json`` (host and pid) while its job runs; ``resume=true`` never
+picks a folder whose job is still alive. See docs/design.md, "The training recipe".
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from kron.fileio import atomic_write, atomic_write_text
+from kron.errors import CheckpointError, OutputFolderError
+from kron.fileio import atomic_write_stream, atomic_write_text
 
 CKPT_NAME = "last.pt"
 MARKER_NAME = "RUNNING.json"
@@ -98,12 +98,50 @@ def restore_rng(states: list[dict[str, Any]], rank: int, world: int,
 
 # ----------------------------------------------------------------------------- save / load
 def save_checkpoint(path: Path, **content: Any) -> None:
-    """Write ``content`` to ``path`` atomically (a reader never sees half a checkpoint)."""
-    atomic_write(path, lambda tmp: torch.save(content, tmp))
+    """Write ``content`` to ``path`` atomically and durably (a reader never sees half a
+    checkpoint; a full disk is one line naming ``path``)."""
+    atomic_write_stream(path, lambda f: torch.save(content, f))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint on the CPU (``mmap``: tensors stay on disk until used, for reading
+    only its config). A truncated, empty or foreign file is one :class:`CheckpointError`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors alike: unreadable
+        raise CheckpointError(f"cannot read checkpoint {path} ({_why_unreadable(path, err)}); "
+                              "it is truncated or not a kron checkpoint: delete it or resume "
+                              "from another") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a kron checkpoint (a {type(ckpt).__name__}, not "
+                              "a dict); resume from a last.pt that kron.train wrote")
+    return ckpt
+
+
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    """The reader's complaint, first sentence only (torch's zip reader adds a paragraph)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+    except OSError:
+        pass
+    first = " ".join(str(err).split()).split(". ")[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved config a checkpoint was trained with, or None (written before configs
+    were stored, or unreadable)."""
+    text = ckpt.get("config")
+    if not isinstance(text, str):
+        return None
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    except Exception:  # noqa: BLE001 - a config we cannot parse counts as none
+        return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 # ----------------------------------------------------------------------------- live runs
@@ -140,7 +178,7 @@ def run_marker(folder: Path) -> Iterator[None]:
     """Mark ``folder`` as running for the duration of the block (rank 0 only)."""
     busy = running_elsewhere(folder)
     if busy:
-        raise RuntimeError(f"run folder {busy}")
+        raise OutputFolderError(f"run folder {busy}; use another hydra.run.dir")
     marker = folder / MARKER_NAME
     atomic_write_text(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -148,38 +186,3 @@ def run_marker(folder: Path) -> Iterator[None]:
         yield
     finally:
         marker.unlink(missing_ok=True)
-
-
-def _override_key(overrides: list[str]) -> list[str]:
-    return sorted(o for o in overrides if not o.startswith(("resume=", "hydra.")))
-
-
-def find_resume(resume: Any, out_dir: Path, overrides: list[str]) -> Path | None:
-    """The checkpoint to resume from: an explicit file/folder; or, with ``resume=true``, this
-    run's folder, else the newest earlier run folder (two levels up: any day's runs, or this
-    sweep) with the same overrides whose job is not running. Prints why it skips live runs."""
-    if resume in (None, False, "false", "False", ""):
-        return None
-    if resume not in (True, "true", "True"):
-        p = Path(hydra.utils.to_absolute_path(str(resume)))
-        p = p / CKPT_NAME if p.is_dir() else p
-        if not p.is_file():
-            raise FileNotFoundError(f"resume={resume}: no checkpoint at {p}")
-        return p
-    if (out_dir / CKPT_NAME).is_file():
-        return out_dir / CKPT_NAME
-    want = _override_key(overrides)
-    for ckpt in sorted(out_dir.parents[1].rglob(CKPT_NAME), key=lambda p: p.stat().st_mtime,
-                       reverse=True):
-        ov = ckpt.parent / ".hydra" / "overrides.yaml"
-        if ckpt.parent == out_dir or not ov.is_file() or _override_key(
-                list(OmegaConf.load(ov))) != want:
-            continue
-        busy = running_elsewhere(ckpt.parent)
-        if busy:
-            print(f"resume=true: skipping {busy}")
-            continue
-        return ckpt
-    print(f"resume=true: no earlier checkpoint with the same overrides under {out_dir.parent}; "
-          "starting fresh")
-    return None

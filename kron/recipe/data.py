@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from kron.data import build_datasets, build_loader
+from kron.errors import ConfigError
 from kron.recipe.setup import Job
 
 
@@ -35,7 +36,7 @@ def build_data(cfg: DictConfig, job: Job) -> Data:
     test = build_loader(test_set, cfg.data.loader, train=False,
                         batch_size=cfg.eval_batch_size or cfg.batch_size, **common)
     if len(train) == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training "
-                         "images")
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training "
+                          "images; pick a smaller batch_size")
     size = int(cfg.data.input_size)
     return Data(train, test, int(cfg.data.num_classes), (int(cfg.data.in_channels), size, size))

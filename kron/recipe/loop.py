@@ -17,6 +17,7 @@ from kron import distributed
 from kron.data import set_epoch
 from kron.recipe.checkpoint import CKPT_NAME, TrainState, rng_state, save_checkpoint
 from kron.recipe.data import Data
+from kron.recipe.identity import config_hash
 from kron.recipe.model import Net
 from kron.recipe.optim import lr_at
 from kron.recipe.setup import Job
@@ -99,7 +100,8 @@ def checkpoint(cfg: DictConfig, job: Job, net: Net, optimizer: torch.optim.Optim
                         scaler=scaler.state_dict() if scaler.is_enabled() else {},
                         epoch=state.epoch, step=state.step, history=state.history, rng=states,
                         world_size=job.world, wandb_id=state.wandb_id,
-                        config=OmegaConf.to_yaml(cfg, resolve=True))
+                        config=OmegaConf.to_yaml(cfg, resolve=True),
+                        config_hash=config_hash(OmegaConf.to_container(cfg, resolve=True)))
     distributed.barrier()
 
 

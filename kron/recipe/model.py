@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kron import distributed
+from kron.errors import ConfigError, KronError, one_line
+from kron.layers.errors import FactorizationError
 from kron.models import build_model_from_config
 from kron.models.surgery import SurgeryRow, apply_surgery, format_table
 from kron.recipe.checkpoint import CKPT_NAME, load_checkpoint
@@ -96,8 +98,14 @@ def place_model(cfg: DictConfig, job: Job, raw: nn.Module) -> tuple[nn.Module, n
 
 def build_net(cfg: DictConfig, job: Job, num_classes: int, shape: tuple[int, int, int]) -> Net:
     """Build, surger, (optionally) plan and place the model. Every rank builds it from the same
-    seed; afterwards each rank's torch RNG moves to its own seed (dropout differs per rank)."""
-    raw, rows, build_dense = surgered_model(cfg, num_classes, shape)
+    seed; afterwards each rank's torch RNG moves to its own seed (dropout differs per rank).
+    A model or ``layers=`` spec that cannot be built is one :class:`ConfigError`."""
+    try:
+        raw, rows, build_dense = surgered_model(cfg, num_classes, shape)
+    except (KronError, FactorizationError):
+        raise
+    except ValueError as err:  # surgery and the model builders refuse a spec with ValueError
+        raise ConfigError(one_line(err)) from err
     if job.is_main:
         print(format_table(rows) if rows else "(no layers swapped: dense baseline)")
     model, raw = place_model(cfg, job, raw)

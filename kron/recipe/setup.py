@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 
 from kron import distributed
 from kron.distributed import DistContext
+from kron.errors import ConfigError, OutputFolderError
+from kron.fileio import disk_error, remove_stale_temps
 from kron.recipe.checkpoint import run_marker
+from kron.recipe.record import RunRecord, run_log, write_record
 from kron.runtime import JobSettings, configure_allocator, job_scope
 
 
@@ -73,7 +76,7 @@ def wants_cuda(device: str) -> bool:
 
 def shared_run_dir(out_dir: Path, ctx: DistContext) -> Path:
     """Rank 0's run folder on every rank (each torchrun process gets its own Hydra folder; the
-    unused ones, holding only Hydra's files, are removed)."""
+    unused ones, empty or holding only Hydra's files, are removed)."""
     shared = Path(distributed.broadcast_object(str(out_dir)))
     if shared != out_dir and out_dir.is_dir() and {
             p.name for p in out_dir.iterdir()} <= {".hydra", "train.log"}:
@@ -81,15 +84,39 @@ def shared_run_dir(out_dir: Path, ctx: DistContext) -> Path:
     return shared
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder; a read-only or full parent is one :class:`OutputFolderError`."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise disk_error(run_dir, err) or OutputFolderError(
+            f"cannot create run folder {run_dir} ({err.strerror}); choose another "
+            "hydra.run.dir") from None
+
+
 @contextmanager
-def start_job(cfg: DictConfig, out_dir: str | Path) -> Iterator[Job]:
+def hold_run_dir(run_dir: Path, record: RunRecord) -> Iterator[None]:
+    """Rank 0's hold on the run folder: the run marker (refused, with nothing written, when a
+    live job holds it), then its log opened, stale temporary files removed and the run's
+    record written (kron/recipe/record.py)."""
+    with run_marker(run_dir), run_log(run_dir):
+        for p in remove_stale_temps(run_dir):
+            print(f"removed {p} (left by a killed writer)")
+        write_record(run_dir, record)
+        yield
+
+
+@contextmanager
+def start_job(cfg: DictConfig, out_dir: str | Path, record: RunRecord | None = None
+              ) -> Iterator[Job]:
     """Set up one training job and tear it down on exit, whatever happens inside.
 
     Order matters: seeds, flags and ``CUBLAS_WORKSPACE_CONFIG`` first (before anything touches
     CUDA), then the process group (``kron.distributed`` sets the CUDA device before the first
     collective), then the shared run folder and, on rank 0, the marker that says the run is
-    running. On exit: the marker goes, the process group is destroyed, and every process-wide
-    setting is put back (see :func:`kron.runtime.job_scope`).
+    running, and only then the run's record and log (a refused run writes nothing). On exit:
+    the marker goes, the process group is destroyed, and every process-wide setting is put
+    back (see :func:`kron.runtime.job_scope`).
     """
     allocator = configure_allocator()
     cuda = wants_cuda(cfg.device)
@@ -100,16 +127,16 @@ def start_job(cfg: DictConfig, out_dir: str | Path) -> Iterator[Job]:
             ctx = distributed.init_distributed("cuda" if cuda else "cpu")
             run_dir = shared_run_dir(Path(out_dir), ctx)
             if cfg.batch_size % ctx.world_size:
-                raise ValueError(f"batch_size={cfg.batch_size} must divide by the "
-                                 f"{ctx.world_size} processes")
-            run_dir.mkdir(parents=True, exist_ok=True)
+                raise ConfigError(f"batch_size={cfg.batch_size} must divide by the "
+                                  f"{ctx.world_size} processes; pick a multiple of it")
+            make_run_dir(run_dir)
             amp = cuda and cfg.amp
             channels_last = cuda if cfg.channels_last == "auto" else bool(cfg.channels_last)
             job = Job(run_dir, ctx, getattr(torch, cfg.amp_dtype) if amp else None,
                       channels_last, allocator, list(notes))
-            for line in notes if ctx.is_main else []:
-                print(line, flush=True)
-            with run_marker(run_dir) if ctx.is_main else nullcontext():
+            with hold_run_dir(run_dir, record or RunRecord()) if ctx.is_main else nullcontext():
+                for line in notes if ctx.is_main else []:
+                    print(line, flush=True)
                 yield job
         finally:
             distributed.cleanup()

@@ -275,11 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
+    from kron.errors import KronError, debug_wanted, one_line
+
     try:
         return args.fn(args)
-    except (ValueError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"kron-tables: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, KronError) as err:  # kron's errors, the data's, the layers'
+        if debug_wanted():
+            raise
+        print(f"kron-tables: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 
