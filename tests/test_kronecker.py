@@ -213,8 +213,9 @@ def test_state_dict_round_trip():
         (lambda: KronLinear(12, 6, []), "non-empty"),
         (lambda: KronConv2d(8, 6, 3, [(2, 3, 1, 1)]), "KronConv2d(6, 8, 3, 3)"),
         (lambda: KronConv2d(8, 6, 3, [(2, 4, 2, 1)]), "nearest valid"),
-        (lambda: KronLinear(12, 6, [(2, 3)], implementation="fast"), "not one of"),
-        (lambda: KronConv2d(8, 6, 4, [(2, 2, 1, 1)], padding="same"), "padding='same'"),
+        (lambda: KronLinear(12, 6, [(2, 3)], implementation="fast"), "use one of"),
+        (lambda: KronConv2d(8, 8, 3, [(4, 4, 1, 1)], groups=4), "KronConv2d(2, 2, 3, 3)"),
+        (lambda: KronConv2d(8, 6, 3, [(2, 4, 1, 1)], groups=4), "groups=4 must divide"),
     ],
 )
 def test_bad_terms_raise_clear_errors(make, message):
@@ -258,16 +259,15 @@ def test_parameter_count_is_sum_of_factor_sizes():
 
 
 @pytest.mark.parametrize("chunk_floats", [1, 700, 1 << 18])
-def test_inference_chunks_match_dense(monkeypatch, chunk_floats):
-    """The no-grad CPU path runs in cache-sized chunks of samples (with a remainder chunk);
-    it must give the same numbers as the dense reference for every layer kind."""
-    from kron.layers import kronecker
-
-    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", chunk_floats)
+def test_inference_chunks_match_dense(chunk_floats):
+    """The no-grad CPU path runs in cache-sized chunks of rows (with a remainder chunk) and
+    conv inference writes into the layer's workspace; both must give the dense reference's
+    numbers for every layer kind."""
     torch.manual_seed(0)
     x = torch.randn(7, 64, dtype=torch.float64)
     for terms in ([(4, 8)] * 3, [(4, 8), (8, 2), (16, 64)]):
         lin = KronLinear(64, 32, terms, implementation="factored", dtype=torch.float64)
+        lin.inference_chunk_floats = chunk_floats
         with torch.no_grad():
             torch.testing.assert_close(lin(x), F.linear(x, lin.dense_weight(), lin.bias))
     for c_in, c_out, k, terms, stride, padding, dilation in CONV_CASES:
@@ -289,7 +289,7 @@ def test_from_dense_keeps_a_missing_bias_missing_and_names_a_wrong_source():
     torch.testing.assert_close(fitted(x), F.linear(x, fitted.dense_weight()))
     conv = nn.Conv2d(8, 8, 3, bias=False, padding=1)
     assert KronConv2d.from_conv(conv, [(2, 2, 1, 1)]).bias is None
-    with pytest.raises(TypeError, match="from_linear expects nn.Linear, got Conv2d"):
+    with pytest.raises(ValueError, match="expected an nn.Linear, got Conv2d"):
         KronLinear.from_linear(conv, [(2, 4)])
 
 

@@ -234,11 +234,12 @@ class KroneckerSum(nn.Module):
         """What ``"auto"`` runs by the cost model for this input, device type and mode (a pure
         function of them, memoised so that small layers do not pay for it on every call)."""
         shape = tuple(example_size(s) for s in input_shape)
-        key = (shape, device_type, bool(training), bool(torch.cuda.is_available()))
+        candidates = tuple(self.candidates(device_type))
+        key = (shape, device_type, bool(training), candidates)
         choice = self._rules.get(key)
         if choice is None:
-            choice = cost_model.choose(self.workload(shape, device_type),
-                                       self.candidates(device_type), device_type, training)
+            choice = cost_model.choose(self.workload(shape, device_type), candidates,
+                                       device_type, training)
             self._rules[key] = choice
         return choice
 

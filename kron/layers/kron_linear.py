@@ -139,7 +139,7 @@ class KronLinear(KroneckerSum):
         return linear_macs(input_shape, self.in_features, self.out_features)
 
     def group_macs(self, input_shape: Sequence[int]) -> list[int]:
-        rows = math.prod(int(s) for s in input_shape[:-1])
+        rows = math.prod([int(s) for s in input_shape[:-1]])
         return [linear_group_macs(a, b_shape_for(self.block_shape, a), r, rows)
                 for a, r in self.term_groups]
 
