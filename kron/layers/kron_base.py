@@ -294,14 +294,19 @@ class KroneckerSum(nn.Module):
 
     def analytic_macs(self, input_shape: Sequence[int], implementation: str | None = None,
                       device_type: str | None = None, training: bool = False) -> int:
-        """Multiply-accumulates of the forward on ``input_shape`` (bias adds not counted) by
-        ``implementation`` (default: the configured one). ``"auto"`` resolves as a forward
-        would: the applied plan, else the cost model for ``device_type`` (default: the
-        parameters' device) and ``training``."""
+        """Multiply-accumulates of the forward on ``input_shape`` (bias adds not counted).
+
+        ``implementation=None`` counts the configured one, where ``"auto"`` means the applied
+        plan, else the factored formula (the layer's own cost: what factoring buys).
+        ``implementation="auto"`` counts what a forward would run: the plan, else the cost
+        model's choice for ``device_type`` (default: the parameters' device) and
+        ``training``. ``"triton"`` does the factored MACs."""
         impl = implementation or self.implementation
         if impl == "auto":
-            impl = self.planned_implementation or self.rule_implementation(
-                input_shape, device_type or self.a_factors[0].device.type, training)
+            impl = self.planned_implementation
+            if impl is None and implementation == "auto":
+                impl = self.rule_implementation(
+                    input_shape, device_type or self.a_factors[0].device.type, training)
         if impl == "dense":
             return self.dense_macs(input_shape)
         return sum(self.group_macs(input_shape))
