@@ -22,7 +22,6 @@ The one home of these numbers, used by training, surgery, the benchmark and the 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from kron.bench import paper_cases
 from kron import planning
+from kron.bench import paper_cases
 from kron.layers import KronConv2d, KronLinear
 from kron.layers.conv_args import ConvArgs
 from kron.planning import apply_plan, clear_plan, plan

@@ -2,7 +2,8 @@
 
 A term is named by its A shape; B's shape follows from the layer (docs/design.md, section 1). These
 helpers say which A shapes fit a layer, what each costs (parameters and multiply-accumulates of
-exactly the ops the layers run, :mod:`kron.layers.macs`), and pick terms for a parameter or MAC budget.
+exactly the ops the layers run, :mod:`kron.layers.macs`), and pick terms for a parameter or
+MAC budget.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _nearest(dims: Sequence[int], bad: Sequence[int], count: int = 3) -> list[Sh
 def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[int]]) -> list[Shape]:
     """Check every A shape in ``terms`` against the dense weight shape ``dims``.
 
-    Raises a one-line ``FactorizationError`` naming the layer's dimensions, the bad shape and the nearest
+    Raises a one-line ``FactorizationError`` naming the layer's dimensions, the bad shape and
+    the nearest
     valid shapes.
     """
     dims = tuple(int(d) for d in dims)
@@ -71,7 +73,8 @@ def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[in
             else:
                 near = ", ".join(str(s) for s in _nearest(dims, shape))
                 hint = f"each axis of A must divide the layer's; nearest valid: {near}"
-            raise FactorizationError(f"{layer}{dims}: invalid Kronecker term A shape {term!r} ({hint})")
+            raise FactorizationError(
+                f"{layer}{dims}: invalid Kronecker term A shape {term!r} ({hint})")
         out.append(shape)
     return out
 
@@ -191,12 +194,14 @@ def within_budget(
     mac_ratio`` (each bound only when given; conv MACs need ``input_hw``). Sorted by parameters.
     """
     if param_ratio is None and mac_ratio is None:
-        raise FactorizationError("a Kronecker shape choice needs a budget: param_ratio and/or mac_ratio")
+        raise FactorizationError(
+            "a Kronecker shape choice needs a budget: param_ratio and/or mac_ratio")
     for name, v in (("param_ratio", param_ratio), ("mac_ratio", mac_ratio)):
         if v is not None and not v > 0:
             raise FactorizationError(f"{name} must be > 0, got {v}")
     if mac_ratio is not None and input_hw is None and not isinstance(layer, nn.Linear):
-        raise FactorizationError("a MAC budget on a conv layer needs its input size (input_hw=(H, W))")
+        raise FactorizationError(
+            "a MAC budget on a conv layer needs its input size (input_hw=(H, W))")
     return [f for f in factorizations(layer, input_hw=input_hw, rank=rank,
                                       include_trivial=include_trivial)
             if (param_ratio is None or f.param_ratio <= param_ratio)
