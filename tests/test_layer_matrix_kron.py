@@ -61,7 +61,7 @@ def pairwise(space: dict[str, list]) -> list[dict]:
             if name in chosen:
                 continue
 
-            def gain(k: int, name=name, chosen=chosen) -> int:
+            def gain(k: int, name=name, chosen=chosen, uncovered=uncovered) -> int:
                 return sum(((n, chosen[n]), (name, k)) in uncovered
                            or ((name, k), (n, chosen[n])) in uncovered for n in chosen)
 

@@ -48,8 +48,7 @@ def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[in
     """Check every A shape in ``terms`` against the dense weight shape ``dims``.
 
     Raises a one-line ``FactorizationError`` naming the layer's dimensions, the bad shape and
-    the nearest
-    valid shapes.
+    the nearest valid shapes.
     """
     dims = tuple(int(d) for d in dims)
     if isinstance(terms, (str, bytes)) or len(terms) == 0:
