@@ -22,6 +22,27 @@ import torch.nn.functional as F
 from kron.layers.macs import a_first, is_pointwise, linear_order
 
 
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _channel_mix(t: torch.Tensor, mat: torch.Tensor, inner: int) -> torch.Tensor:
+    """``out[n, (g, p), (j, ...)] = sum_q mat[g, p, q] t[n, (g, q), (j, ...)]`` for ``t
+    (N, G*Q*inner, h, w)`` -> ``(N, G*P*inner, h, w)``: the channel mixing of a pointwise A.
+
+    Eager: one ``bmm`` over an expanded ``mat`` (fast on every backend). Traced (compile,
+    export): a 1x1x1 ``conv3d`` that keeps ``h`` and ``w`` as axes, because flattening them
+    into the bmm's last axis and splitting them again gives sizes like ``(s**2)//s`` that
+    Inductor cannot order (``cannot determine truth value of Relational``, issue 19)."""
+    g, p, q = mat.shape
+    n, _, h, w = t.shape
+    if _traced():
+        y = F.conv3d(t.reshape(n, g * q, inner, h, w), mat.reshape(g * p, q, 1, 1, 1), groups=g)
+        return y.reshape(n, g * p * inner, h, w)
+    y = torch.bmm(_batched(mat, n), t.reshape(n * g, q, inner * h * w))
+    return y.reshape(n, g * p * inner, h, w)
+
+
 def _batched(mat: torch.Tensor, batch: int | torch.SymInt) -> torch.Tensor:
     """``mat (G, p, q)`` repeated for ``batch`` samples as ``(batch*G, p, q)`` (a view when
     ``G == 1``)."""
@@ -117,13 +138,12 @@ def _pointwise_a_first(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad, s
     _, _, f2, c2, kh, kw = b.shape
     n, _, h, w = x.shape
     a2 = a.reshape(g, rank, f1, c1).transpose(1, 2).reshape(g, f1 * rank, c1)  # [(f1,r),c1]
-    x3 = x.reshape(n * g, c1, c2 * h * w)
     if ws is None:
-        u = torch.bmm(_batched(a2, n), x3)
+        u = _channel_mix(x, a2, c2)
     else:
-        u = ws[: x3.shape[0] * f1 * rank * c2 * h * w].view(x3.shape[0], f1 * rank, -1)
-        torch.bmm(_batched(a2, n), x3, out=u)
-    u = u.reshape(n, g * f1 * rank * c2, h, w)  # channels (g, f1, r, c2)
+        u = ws[: n * g * f1 * rank * c2 * h * w].view(n * g, f1 * rank, -1)
+        torch.bmm(_batched(a2, n), x.reshape(n * g, c1, c2 * h * w), out=u)
+        u = u.view(n, g * f1 * rank * c2, h, w)  # channels (g, f1, r, c2)
     conv_padding, pad_u = pad
     if pad_u is not None:
         u = pad_u(u)
@@ -145,10 +165,8 @@ def _pointwise_b_first(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, paddin
     f2 = b.shape[2]
     n = x.shape[0]
     z = _stage_b(x, b, c1, stride, padding, dilation)
-    h1, w1 = z.shape[-2:]
     a2 = a.reshape(g, rank, f1, c1).permute(0, 2, 3, 1).reshape(g, f1, c1 * rank)
-    y = torch.bmm(_batched(a2, n), z.reshape(n * g, c1 * rank, -1))  # (N*G, F1, F2*h1*w1)
-    return y.reshape(n, g * f1 * f2, h1, w1)
+    return _channel_mix(z, a2, f2)
 
 
 def _spatial(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stride, dilation) -> torch.Tensor:
