@@ -472,3 +472,49 @@ def test_kron_allocator_system_opts_out(monkeypatch):
     monkeypatch.setenv("KRON_ALLOCATOR", "system")
     assert kron.runtime.configure_allocator() == (
         "allocator: left as it is (KRON_ALLOCATOR=system)")
+
+
+# ------------------------------------------------------------ torch.compile, dynamic shapes
+
+
+def _compiled_dynamic_trains(backend: str, grad: bool) -> None:
+    """``torch.compile(dynamic=True)`` of KronConv2d (A first, B first with a stride, spatial
+    A, grouped with reflect padding) over inputs of changing batch, height and width: outputs
+    and input gradients equal eager's (float32, sums of <= 72 products: 1e-4)."""
+    torch.manual_seed(0)
+    layers = [KronConv2d(8, 6, 3, [(2, 4, 1, 1)], padding=1, implementation="factored"),
+              KronConv2d(8, 6, 3, [(2, 4, 1, 1)], stride=2, padding=1, implementation="factored"),
+              KronConv2d(8, 6, 3, [(3, 2, 3, 1)], padding=1, implementation="factored"),
+              KronConv2d(8, 6, 3, [(3, 2, 1, 1)], padding="same", groups=2,
+                         padding_mode="reflect", implementation="factored")]
+    for layer in layers:
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, dynamic=True, backend=backend)
+        for shape in [(2, 8, 9, 9), (3, 8, 12, 10)]:
+            x = torch.randn(shape, requires_grad=grad)
+            with torch.set_grad_enabled(grad):
+                y, want = compiled(x), layer(x)
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+            if grad:
+                g = torch.randn_like(y)
+                (got,) = torch.autograd.grad(y, x, g)
+                (ref,) = torch.autograd.grad(want, x, g)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_dynamic_shapes_trains_kron_conv():
+    _compiled_dynamic_trains("aot_eager", grad=True)
+
+
+@pytest.mark.slow
+def test_compile_dynamic_shapes_inductor_inference():
+    _compiled_dynamic_trains("inductor", grad=False)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="Inductor's CPU layout pass orders the channels-last strides of a "
+                          "saved 4-D view with symbolic sizes and fails (cannot determine "
+                          "truth value of Relational); open, see docs/notes/layers-kron.md",
+                   strict=False)
+def test_compile_dynamic_shapes_inductor_training():
+    _compiled_dynamic_trains("inductor", grad=True)
