@@ -298,3 +298,29 @@ def test_from_linear_fits_in_the_sources_dtype():
     fitted = KronLinear.from_linear(lin, [(2, 4)] * 8)  # rank 8 = full rank of R(W): exact
     assert all(p.dtype == torch.float64 for p in fitted.parameters())
     torch.testing.assert_close(fitted.dense_weight(), lin.weight, rtol=0, atol=1e-12)
+
+
+def test_meta_construction_counts_parameters_without_memory():
+    conv = KronConv2d(32, 64, 3, [(4, 4, 1, 1), (2, 2, 3, 3)], groups=4, device="meta")
+    assert all(p.device.type == "meta" for p in conv.parameters())
+    # per block (16, 8, 3, 3): (4*4 + 4*2*9) + (2*2*9 + 8*4*1); times 4 blocks; plus bias
+    assert sum(p.numel() for p in conv.parameters()) == 4 * (16 + 72 + 36 + 32) + 64
+    lin = KronLinear(64, 32, [(4, 8)], device="meta")
+    assert sum(p.numel() for p in lin.parameters()) == 4 * 8 + 8 * 8 + 32
+
+
+def test_budget_helpers_see_a_grouped_conv_as_its_blocks():
+    from kron.layers import FactorizationError, choose_terms, factorizations, kron_term_shapes
+
+    conv = nn.Conv2d(16, 32, 3, groups=4)  # blocks (8, 4, 3, 3)
+    assert (8, 4, 3, 3) in kron_term_shapes(conv) and (16, 4, 3, 3) not in kron_term_shapes(conv)
+    best = choose_terms(conv, param_ratio=0.5)
+    layer = KronConv2d.from_conv(conv, best)
+    fits = {f.a_shape: f for f in factorizations(conv, input_hw=(8, 8))}
+    assert fits[best[0]].params == sum(p.numel() for n, p in layer.named_parameters()
+                                       if n != "bias")
+    assert fits[best[0]].macs == layer.analytic_macs((1, 16, 8, 8), implementation="factored")
+    depthwise = nn.Conv2d(8, 8, 1, groups=8)
+    with pytest.raises(FactorizationError, match="groups=8 leaves blocks of") as info:
+        choose_terms(depthwise, param_ratio=0.5)
+    assert "\n" not in str(info.value)
