@@ -163,7 +163,6 @@ def _pointwise_b_first(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, paddin
     """B's conv (with the layer's stride) over each ``C1`` slice, then A mixes the slices."""
     g, rank, f1, c1 = a.shape[:4]
     f2 = b.shape[2]
-    n = x.shape[0]
     z = _stage_b(x, b, c1, stride, padding, dilation)
     a2 = a.reshape(g, rank, f1, c1).permute(0, 2, 3, 1).reshape(g, f1, c1 * rank)
     return _channel_mix(z, a2, f2)
