@@ -14,7 +14,7 @@ from kron.layers import cost_model
 from kron.layers.conv_args import ConvArgs, batched
 from kron.layers.decompose import b_shape_for
 from kron.layers.kron_base import KroneckerSum
-from kron.layers.kron_functional import kron_conv_group
+from kron.layers.kron_functional import kron_conv_group, kron_conv_group_convs
 from kron.layers.macs import a_first, conv_group_macs, is_pointwise
 
 
@@ -128,8 +128,16 @@ class KronConv2d(KroneckerSum):
         """Every term group (or those in ``only``) by the two-stage formulas, summed; in CPU
         inference the A-first matmuls write into the layer's workspace and sums are in place."""
         out = None
+        compiled_training = (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                             and self.records_autograd(x))
         for i, ((a_shape, rank), (a, b)) in enumerate(zip(self.term_groups, pairs)):
             if only is not None and i not in only:
+                continue
+            if compiled_training:
+                y = kron_conv_group_convs(x, a, b, stride=self.stride, dilation=self.dilation,
+                                          conv_padding=self.args.pair_padding,
+                                          pad=self.args.pad_input)
+                out = y if out is None else out + y
                 continue
             ws = None
             if fast and a_first(a_shape, b_shape_for(self.block_shape, a_shape), self.stride):

@@ -209,3 +209,29 @@ def kron_conv_group(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
 def _zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     ph, pw = padding
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
+def kron_conv_group_convs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+                          stride: tuple[int, int], dilation: tuple[int, int],
+                          conv_padding: tuple[int, int] | None, pad) -> torch.Tensor:
+    """:func:`kron_conv_group` as two plain convolutions on 4-D tensors, no reshape between
+    them: B over every ``C1`` slice as one grouped conv, then A with an ``F2``-fold identity
+    (``kron(A, I_F2)``, ``F2`` times stage 2's MACs) that writes the output layout directly.
+
+    For ``torch.compile`` training: Inductor's CPU layout pass fails on a saved 4-D *view*
+    with symbolic sizes (every reshape between the stages is one), see docs/notes."""
+    g, rank, f1, c1, kh1, kw1 = a.shape
+    _, _, f2, c2, kh2, kw2 = b.shape
+    pointwise = kh1 == 1 and kw1 == 1
+    if conv_padding is None:
+        x, conv_padding = pad(x), (0, 0)
+    elif not pointwise:
+        x, conv_padding = _zero_pad(x, conv_padding), (0, 0)
+    wb = b.reshape(g, 1, rank * f2, c2, kh2, kw2).expand(g, c1, rank * f2, c2, kh2, kw2)
+    z = F.conv2d(x, wb.reshape(-1, c2, kh2, kw2), stride=stride if pointwise else (1, 1),
+                 padding=conv_padding, dilation=dilation, groups=g * c1)  # (g, c1, r, f2)
+    eye = torch.eye(f2, dtype=a.dtype, device=a.device)
+    wa = torch.einsum("grpcuv,ij->gpicrjuv", a, eye).reshape(g * f1 * f2, c1 * rank * f2,
+                                                                kh1, kw1)
+    return F.conv2d(z, wa, stride=(1, 1) if pointwise else stride,
+                    dilation=(dilation[0] * kh2, dilation[1] * kw2), groups=g)
