@@ -119,7 +119,7 @@ def _auto_choice(layer: nn.Module, x: torch.Tensor, training: bool) -> str | Non
     """What ``implementation="auto"`` runs on ``x`` in inference or in training."""
     resolve = getattr(layer, "resolved_implementation", None)
     if resolve is None:
-        return getattr(layer, "last_implementation", None)
+        return None
     with torch.set_grad_enabled(training):
         return resolve(x.detach().requires_grad_(training))
 

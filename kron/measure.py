@@ -7,7 +7,8 @@ The one home of these numbers, used by training, surgery, the benchmark and the 
 - MACs of what actually ran come from the real forward under
   ``torch.utils.flop_counter.FlopCounterMode`` (:func:`count_macs`; a matmul or convolution of
   ``k`` multiply-accumulates counts ``2k`` FLOPs; bias adds and elementwise ops are not counted).
-  The closed forms of the dense layers (:func:`linear_macs`, :func:`conv2d_macs`) and the
+  The closed forms of the dense layers (:func:`linear_macs`, :func:`conv2d_macs`, owned by
+  :mod:`kron.layers.macs`) and the
   factored layers' own ``analytic_macs`` methods give the same numbers without running
   (:func:`layer_macs`, :func:`analytic_macs`); tests hold them equal to the counter;
 - the factored MACs of a surgered net are the dense twin's minus what the surgery saved
@@ -21,7 +22,6 @@ The one home of these numbers, used by training, surgery, the benchmark and the 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from kron.layers.macs import conv2d_macs, linear_macs
 from kron.timing import median_times, synchronize, timer_name
 
 # ------------------------------------------------------------------------------- parameters
@@ -44,34 +45,6 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 # ------------------------------------------------------------------------------------- MACs
-
-
-def linear_macs(input_shape: Sequence[int], in_features: int, out_features: int) -> int:
-    """MACs of a dense ``(..., in_features) -> (..., out_features)`` matmul (bias not counted)."""
-    return math.prod([int(s) for s in input_shape[:-1]]) * int(in_features) * int(out_features)
-
-
-def conv2d_macs(
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int] | str,
-    dilation: Sequence[int],
-) -> int:
-    """MACs of a dense 2-D convolution of an ``(N, C, H, W)`` input with a weight of
-    ``(out, in / groups, kh, kw)`` (bias not counted): every output pixel of every output
-    channel costs one MAC per weight of its filter."""
-    # imported here: kron.layers may import this module, and kron.layers.common sits in it
-    from kron.layers.common import conv_output_size
-
-    kernel = tuple(int(k) for k in weight_shape[2:])
-    hw = tuple(int(s) for s in input_shape[2:])
-    if padding == "same":
-        ho, wo = hw
-    else:
-        pad = (0, 0) if padding == "valid" else tuple(padding)
-        ho, wo = conv_output_size(hw, kernel, tuple(stride), pad, tuple(dilation))
-    return int(input_shape[0]) * math.prod([int(s) for s in weight_shape]) * ho * wo
 
 
 def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int | None:

@@ -4,7 +4,12 @@ this (fresh, plain) process: the two alternate, 8 rounds, median of the last 6, 
     for i in 1 2 3 4 5; do python scripts/fresh_process_conv.py; done
 
 Issue 10's check that CPU speed does not depend on the allocator's mood: run it in several
-fresh processes and compare. Nothing but ``kron.layers`` is imported from kron.
+fresh processes and compare. Nothing but ``kron.layers`` is imported from kron, and kron.layers
+changes no process-wide setting, so glibc's allocator is left as it is (the speed comes from
+the layer's own buffers: A's matmul writes into a workspace the layer keeps, and B's conv
+produces the output; docs/design.md, layers). ``KRON_ALLOCATOR=system`` changes nothing here;
+it only matters for kron's entrypoints (kron.train, kron.bench), which opt in to
+``kron.runtime.configure_allocator``.
 """
 
 import statistics

@@ -213,8 +213,9 @@ def test_state_dict_round_trip():
         (lambda: KronLinear(12, 6, []), "non-empty"),
         (lambda: KronConv2d(8, 6, 3, [(2, 3, 1, 1)]), "KronConv2d(6, 8, 3, 3)"),
         (lambda: KronConv2d(8, 6, 3, [(2, 4, 2, 1)]), "nearest valid"),
-        (lambda: KronLinear(12, 6, [(2, 3)], implementation="fast"), "not one of"),
-        (lambda: KronConv2d(8, 6, 4, [(2, 2, 1, 1)], padding="same"), "padding='same'"),
+        (lambda: KronLinear(12, 6, [(2, 3)], implementation="fast"), "use one of"),
+        (lambda: KronConv2d(8, 8, 3, [(4, 4, 1, 1)], groups=4), "KronConv2d(2, 2, 3, 3)"),
+        (lambda: KronConv2d(8, 6, 3, [(2, 4, 1, 1)], groups=4), "groups=4 must divide"),
     ],
 )
 def test_bad_terms_raise_clear_errors(make, message):
@@ -258,16 +259,15 @@ def test_parameter_count_is_sum_of_factor_sizes():
 
 
 @pytest.mark.parametrize("chunk_floats", [1, 700, 1 << 18])
-def test_inference_chunks_match_dense(monkeypatch, chunk_floats):
-    """The no-grad CPU path runs in cache-sized chunks of samples (with a remainder chunk);
-    it must give the same numbers as the dense reference for every layer kind."""
-    from kron.layers import kronecker
-
-    monkeypatch.setattr(kronecker, "_CHUNK_FLOATS", chunk_floats)
+def test_inference_chunks_match_dense(chunk_floats):
+    """The no-grad CPU path runs in cache-sized chunks of rows (with a remainder chunk) and
+    conv inference writes into the layer's workspace; both must give the dense reference's
+    numbers for every layer kind."""
     torch.manual_seed(0)
     x = torch.randn(7, 64, dtype=torch.float64)
     for terms in ([(4, 8)] * 3, [(4, 8), (8, 2), (16, 64)]):
         lin = KronLinear(64, 32, terms, implementation="factored", dtype=torch.float64)
+        lin.inference_chunk_floats = chunk_floats
         with torch.no_grad():
             torch.testing.assert_close(lin(x), F.linear(x, lin.dense_weight(), lin.bias))
     for c_in, c_out, k, terms, stride, padding, dilation in CONV_CASES:
@@ -289,7 +289,7 @@ def test_from_dense_keeps_a_missing_bias_missing_and_names_a_wrong_source():
     torch.testing.assert_close(fitted(x), F.linear(x, fitted.dense_weight()))
     conv = nn.Conv2d(8, 8, 3, bias=False, padding=1)
     assert KronConv2d.from_conv(conv, [(2, 2, 1, 1)]).bias is None
-    with pytest.raises(TypeError, match="from_linear expects nn.Linear, got Conv2d"):
+    with pytest.raises(ValueError, match="expected an nn.Linear, got Conv2d"):
         KronLinear.from_linear(conv, [(2, 4)])
 
 
@@ -298,3 +298,29 @@ def test_from_linear_fits_in_the_sources_dtype():
     fitted = KronLinear.from_linear(lin, [(2, 4)] * 8)  # rank 8 = full rank of R(W): exact
     assert all(p.dtype == torch.float64 for p in fitted.parameters())
     torch.testing.assert_close(fitted.dense_weight(), lin.weight, rtol=0, atol=1e-12)
+
+
+def test_meta_construction_counts_parameters_without_memory():
+    conv = KronConv2d(32, 64, 3, [(4, 4, 1, 1), (2, 2, 3, 3)], groups=4, device="meta")
+    assert all(p.device.type == "meta" for p in conv.parameters())
+    # per block (16, 8, 3, 3): (4*4 + 4*2*9) + (2*2*9 + 8*4*1); times 4 blocks; plus bias
+    assert sum(p.numel() for p in conv.parameters()) == 4 * (16 + 72 + 36 + 32) + 64
+    lin = KronLinear(64, 32, [(4, 8)], device="meta")
+    assert sum(p.numel() for p in lin.parameters()) == 4 * 8 + 8 * 8 + 32
+
+
+def test_budget_helpers_see_a_grouped_conv_as_its_blocks():
+    from kron.layers import FactorizationError, choose_terms, factorizations, kron_term_shapes
+
+    conv = nn.Conv2d(16, 32, 3, groups=4)  # blocks (8, 4, 3, 3)
+    assert (8, 4, 3, 3) in kron_term_shapes(conv) and (16, 4, 3, 3) not in kron_term_shapes(conv)
+    best = choose_terms(conv, param_ratio=0.5)
+    layer = KronConv2d.from_conv(conv, best)
+    fits = {f.a_shape: f for f in factorizations(conv, input_hw=(8, 8))}
+    assert fits[best[0]].params == sum(p.numel() for n, p in layer.named_parameters()
+                                       if n != "bias")
+    assert fits[best[0]].macs == layer.analytic_macs((1, 16, 8, 8), implementation="factored")
+    depthwise = nn.Conv2d(8, 8, 1, groups=8)
+    with pytest.raises(FactorizationError, match="groups=8 leaves blocks of") as info:
+        choose_terms(depthwise, param_ratio=0.5)
+    assert "\n" not in str(info.value)

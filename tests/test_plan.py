@@ -1,6 +1,6 @@
 """How ``implementation="auto"`` chooses: the deterministic cost model (same choice in eager
 and compiled code, matching the measured bench table) and the opt-in measured plan
-(``kron.layers.plan`` / ``apply_plan``), which never reaches the state dict."""
+(``kron.planning.plan`` / ``apply_plan``), which never reaches the state dict."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from kron import planning
 from kron.bench import paper_cases
-from kron.layers import KronConv2d, KronLinear, apply_plan, clear_plan, kronecker, plan, planning
-from kron.layers.common import conv_kwargs
+from kron.layers import KronConv2d, KronLinear
+from kron.layers.conv_args import ConvArgs
+from kron.planning import apply_plan, clear_plan, plan
 
 BENCH_JSON = Path(__file__).resolve().parents[1] / "docs" / "bench_cpu.json"
 
@@ -22,7 +24,7 @@ def kron_of(case) -> nn.Module:
     """The case's Kronecker layer (shapes only: the rule never looks at the values)."""
     dense = case.make_dense()
     if isinstance(dense, nn.Conv2d):
-        return KronConv2d(terms=case.terms, **conv_kwargs(dense))
+        return KronConv2d(terms=case.terms, **ConvArgs.from_conv(dense).conv_kwargs())
     return KronLinear(dense.in_features, dense.out_features, case.terms)
 
 
@@ -56,13 +58,13 @@ def test_same_choice_in_eager_and_compiled_code(monkeypatch):
     the eager forward runs, in inference and in training."""
     ran: list[str] = []
     for name in ("_forward_dense", "_forward_factored"):
-        original = getattr(kronecker.KronLinear, name)
+        original = getattr(KronLinear, name)
 
         def wrapped(self, *args, _name=name, _original=original):
             ran.append(_name)
             return _original(self, *args)
 
-        monkeypatch.setattr(kronecker.KronLinear, name, wrapped)
+        monkeypatch.setattr(KronLinear, name, wrapped)
     for shape in [(2, 256), (512, 256)]:  # one dense, one factored on the CPU
         layer = KronLinear(256, 256, [(16, 16)])
         x = torch.randn(shape)
@@ -111,13 +113,12 @@ def test_plan_measures_every_auto_layer_and_apply_plan_pins_it(monkeypatch):
     big = torch.randn(64, 32, 6, 6)  # the rule alone would run this factored
     assert net.conv.rule_implementation(big.shape, "cpu", False) == "factored"
     with torch.no_grad():
-        net(big)
-    assert net.conv.last_implementation == "dense" and net.fc.last_implementation == "dense"
+        assert net.conv.resolved_implementation(big) == "dense"
+        assert net.fc.resolved_implementation(net.fixed(net.conv(big)).flatten(1)) == "dense"
     assert all("plan" not in k and "extra_state" not in k for k in net.state_dict())
     clear_plan(net)
     with torch.no_grad():
-        net(big)
-    assert net.conv.last_implementation == "factored"
+        assert net.conv.resolved_implementation(big) == "factored"
 
 
 def test_plan_in_training_times_forward_and_backward(monkeypatch):
@@ -167,11 +168,11 @@ def test_cuda_rule_uses_triton_and_the_grouped_conv_where_they_apply(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(triton_linear, "triton_available", lambda: True)
     lin = KronLinear(4096, 4096, [(64, 64)])
-    assert lin._candidates("cuda") == ["factored", "dense", "triton"]
+    assert lin.candidates("cuda") == ["factored", "dense", "triton"]
     assert lin.rule_implementation((16384, 4096), "cuda", False) == "triton"
-    assert lin._candidates("cpu") == ["factored", "dense"]
+    assert lin.candidates("cpu") == ["factored", "dense"]
     monkeypatch.setattr(triton_linear, "triton_supports", lambda *a: False)
-    assert lin._candidates("cuda") == ["factored", "dense"]
+    assert lin.candidates("cuda") == ["factored", "dense"]
     # the torch factored path measured 1.0-1.6x dense at this shape (issue 9)
     assert lin.rule_implementation((16384, 4096), "cuda", False) == "factored"
     assert lin.rule_implementation((256, 4096), "cuda", False) == "dense"

@@ -25,9 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kron.layers import kronecker
+from kron.layers import KronConv2d, KronLinear
 from kron.layers.cp import cp_max_rank
-from kron.layers.kronecker import KronConv2d, KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 from kron.layers.shapes import kron_term_shapes
 
@@ -102,8 +101,8 @@ def assert_matches_reference(layer: nn.Module, x: torch.Tensor, reference, seed:
 @contextlib.contextmanager
 def tiny_chunks(enabled: bool):
     """Shrink the CPU inference chunk budget so that tiny batches run in several chunks."""
-    if enabled and hasattr(kronecker, "_CHUNK_FLOATS"):
-        with mock.patch.object(kronecker, "_CHUNK_FLOATS", 8):
+    if enabled:
+        with mock.patch.object(KronLinear, "inference_chunk_floats", 8):
             yield
     else:
         yield
@@ -249,17 +248,18 @@ def test_kron_fit_returns_a_torch_kron_sum(data, conv):
 
 @examples(15)
 @given(data=st.data(), groups=st.sampled_from([2, 3]))
-def test_kron_conv_rejects_grouped_convolutions(data, groups):
-    c = groups * data.draw(st.integers(1, 3))
-    f = groups * data.draw(st.integers(1, 3))
-    conv = nn.Conv2d(c, f, 3, groups=groups)
-    terms = [(1, 1, 1, 1)]
-    for build in (lambda: KronConv2d.from_conv(conv, terms),
-                  lambda: SeparableConv2d.from_conv(conv, 1), lambda: CPConv2d.from_conv(conv, 1),
-                  lambda: TuckerConv2d.from_conv(conv, (1, 1))):
-        with pytest.raises(ValueError, match=f"groups=1 .*got groups={groups}") as info:
-            build()
-        assert "\n" not in str(info.value)
+def test_kron_conv_fits_grouped_convolutions_exactly_at_full_rank(data, groups):
+    """A grouped conv is ``groups`` independent block convs, each fitted on its own: with A
+    ``(F/groups, 1, 1, 1)`` at full rank (``F/groups`` terms) the fit is exact."""
+    fb = data.draw(st.integers(1, 3))
+    conv = nn.Conv2d(groups * data.draw(st.integers(1, 3)), groups * fb, 3, groups=groups,
+                     padding=1, padding_mode=data.draw(st.sampled_from(["zeros", "reflect"])),
+                     dtype=F64)
+    layer = KronConv2d.from_conv(conv, [(fb, 1, 1, 1)] * fb)
+    assert (layer.groups, layer.padding_mode) == (conv.groups, conv.padding_mode)
+    torch.testing.assert_close(layer.dense_weight(), conv.weight, rtol=1e-9, atol=1e-9)
+    x = torch.randn(2, conv.in_channels, 5, 4, dtype=F64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
 
 
 # --- the low-rank baselines ---------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Kronecker-factored layers and the low-rank baselines they generalise."""
+"""Kronecker-factored layers and the low-rank baselines they generalise: the ground floor of
+kron (imports torch, the standard library and, lazily, triton; nothing else of kron)."""
 
 from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
 from kron.layers.errors import FactorizationError
 from kron.layers.factory import factorize, relative_fit_error
-from kron.layers.kronecker import KronConv2d, KronLinear
+from kron.layers.kron_conv import KronConv2d
+from kron.layers.kron_linear import KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
-from kron.layers.planning import apply_plan, clear_plan, plan
 from kron.layers.shapes import Factorization, choose_terms, factorizations, kron_term_shapes
 
 __all__ = [
@@ -16,16 +17,13 @@ __all__ = [
     "CPConv2d",
     "TuckerConv2d",
     "Factorization",
+    "FactorizationError",
     "factorizations",
     "kron_term_shapes",
     "choose_terms",
     "nearest_kronecker",
     "fit_kronecker_sum",
     "kron_compose",
-    "plan",
-    "apply_plan",
-    "clear_plan",
     "factorize",
     "relative_fit_error",
-    "FactorizationError",
 ]

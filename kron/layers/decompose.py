@@ -57,15 +57,26 @@ def kron_compose(
     ``out`` in place and ``out`` is returned, so that several shape groups accumulate into one
     buffer (docs/design.md, layers: memory).
     """
-    r = a.shape[0]
-    a_shape, b_shape = tuple(a.shape[1:]), tuple(b.shape[1:])
+    return kron_compose_blocks(a.unsqueeze(0), b.unsqueeze(0), out)
+
+
+def kron_compose_blocks(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`kron_compose` of ``G`` independent blocks stacked along the first axis of W:
+    ``a (G, R, *a_shape)``, ``b (G, R, *b_shape)`` -> ``(G * a0 * b0, a1 * b1, ...)``, the
+    weight layout of a grouped ``nn.Conv2d`` (block ``g`` holds output channels
+    ``g*F/G .. (g+1)*F/G - 1``). One batched GEMM for all blocks."""
+    g, r = a.shape[:2]
+    a_shape, b_shape = tuple(a.shape[2:]), tuple(b.shape[2:])
     nd = len(a_shape)
-    outer = torch.mm(a.reshape(r, -1).t(), b.reshape(r, -1))  # [a_idx, b_idx]
-    interleave = [i for k in range(nd) for i in (k, nd + k)]
-    part = outer.view(*a_shape, *b_shape).permute(interleave)  # (a0, b0, a1, b1, ...)
+    outer = torch.bmm(a.reshape(g, r, -1).transpose(1, 2), b.reshape(g, r, -1))
+    interleave = [0] + [i + 1 for k in range(nd) for i in (k, nd + k)]
+    part = outer.view(g, *a_shape, *b_shape).permute(interleave)  # (G, a0, b0, a1, b1, ...)
+    sizes = [x * y for x, y in zip(a_shape, b_shape)]
     if out is None:
-        return part.reshape([x * y for x, y in zip(a_shape, b_shape)])
-    out.view([s for pair in zip(a_shape, b_shape) for s in pair]).add_(part)
+        return part.reshape(g * sizes[0], *sizes[1:])
+    out.view(g, *[s for pair in zip(a_shape, b_shape) for s in pair]).add_(part)
     return out
 
 

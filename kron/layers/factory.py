@@ -215,7 +215,8 @@ def _conv_kwargs(conv: nn.Conv2d, **changes: Any) -> dict:
 def _construct(module: nn.Module, kind: str, setting: Setting, implementation: str,
                device: Any, dtype: Any, **changes: Any) -> nn.Module:
     """The layer class's constructor (scratch init), on ``device`` / ``dtype``."""
-    from kron.layers.kronecker import KronConv2d, KronLinear
+    from kron.layers.kron_conv import KronConv2d
+    from kron.layers.kron_linear import KronLinear
     from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 
     place = dict(device=device, dtype=dtype)
@@ -236,7 +237,8 @@ def _construct(module: nn.Module, kind: str, setting: Setting, implementation: s
 def _fit(module: nn.Module, kind: str, setting: Setting, init: str,
          implementation: str) -> nn.Module:
     """The layer class's fit to ``module``'s weights (``init`` dense or fit, see above)."""
-    from kron.layers.kronecker import KronConv2d, KronLinear
+    from kron.layers.kron_conv import KronConv2d
+    from kron.layers.kron_linear import KronLinear
     from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
 
     if kind == "kron":

@@ -2,7 +2,8 @@
 
 A term is named by its A shape; B's shape follows from the layer (docs/design.md, section 1). These
 helpers say which A shapes fit a layer, what each costs (parameters and multiply-accumulates of
-exactly the ops :mod:`kron.layers.kronecker` runs), and pick terms for a parameter or MAC budget.
+exactly the ops the layers run, :mod:`kron.layers.macs`), and pick terms for a parameter or
+MAC budget.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kron.layers.common import conv_output_size, pair
-from kron.measure import conv2d_macs, linear_macs
+from kron.layers.conv_args import ConvArgs
+from kron.layers.errors import FactorizationError
+from kron.layers.macs import conv_group_macs, linear_group_macs, linear_macs
 
 Shape = tuple[int, ...]
 
@@ -45,12 +47,12 @@ def _nearest(dims: Sequence[int], bad: Sequence[int], count: int = 3) -> list[Sh
 def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[int]]) -> list[Shape]:
     """Check every A shape in ``terms`` against the dense weight shape ``dims``.
 
-    Raises a one-line ``ValueError`` naming the layer's dimensions, the bad shape and the nearest
-    valid shapes.
+    Raises a one-line ``FactorizationError`` naming the layer's dimensions, the bad shape and
+    the nearest valid shapes.
     """
     dims = tuple(int(d) for d in dims)
     if isinstance(terms, (str, bytes)) or len(terms) == 0:
-        raise ValueError(
+        raise FactorizationError(
             f"{layer}{dims}: terms must be a non-empty list of A shapes, got {terms!r}"
         )
     out: list[Shape] = []
@@ -58,7 +60,7 @@ def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[in
         try:
             shape = tuple(int(s) for s in term)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise FactorizationError(
                 f"{layer}{dims}: each term must be a tuple of {len(dims)} ints, got {term!r}"
             ) from None
         ok = len(shape) == len(dims) and all(
@@ -70,7 +72,8 @@ def normalize_terms(layer: str, dims: Sequence[int], terms: Sequence[Sequence[in
             else:
                 near = ", ".join(str(s) for s in _nearest(dims, shape))
                 hint = f"each axis of A must divide the layer's; nearest valid: {near}"
-            raise ValueError(f"{layer}{dims}: invalid Kronecker term A shape {term!r} ({hint})")
+            raise FactorizationError(
+                f"{layer}{dims}: invalid Kronecker term A shape {term!r} ({hint})")
         out.append(shape)
     return out
 
@@ -81,66 +84,6 @@ def group_terms(terms: Sequence[Shape]) -> list[tuple[Shape, int]]:
     for t in terms:
         counts[t] = counts.get(t, 0) + 1
     return list(counts.items())
-
-
-# ----------------------------------------------------------------------------- linear costs
-
-
-def linear_order(a_shape: Shape, b_shape: Shape) -> str:
-    """Which factor the factored linear applies first: the cheaper contraction order."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    b_first = n1 * n2 * m2 + m1 * n1 * m2
-    a_first = m1 * n1 * n2 + m1 * n2 * m2
-    return "a" if a_first < b_first else "b"
-
-
-def linear_group_macs(a_shape: Shape, b_shape: Shape, rank: int, rows: int) -> int:
-    """MACs of one shape group of the factored linear on ``rows`` input vectors."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    if linear_order(a_shape, b_shape) == "b":
-        return rows * rank * (n1 * n2 * m2 + m1 * n1 * m2)
-    return rows * rank * (m1 * n1 * n2 + m1 * n2 * m2)
-
-
-# ------------------------------------------------------------------------------- conv costs
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """What a conv layer's factored execution depends on, besides its term shapes."""
-
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    def stage_plan(self, a_shape: Shape) -> tuple[tuple[int, int], bool]:
-        """``(stage-1 stride, pointwise A?)``: a 1x1 A mixes channels only, so the layer's
-        stride moves into the B convolution and A runs as one batched matmul."""
-        pointwise = is_pointwise(a_shape)
-        return (self.stride if pointwise else (1, 1)), pointwise
-
-
-def is_pointwise(a_shape: Shape) -> bool:
-    """Whether a conv term's A is 1x1 in space (a channel mixer)."""
-    return a_shape[2] == 1 and a_shape[3] == 1
-
-
-def conv_group_macs(
-    geom: ConvGeometry, a_shape: Shape, b_shape: Shape, rank: int, input_shape: Sequence[int]
-) -> int:
-    """MACs of one shape group of the factored conv on an ``(N, C, H, W)`` input."""
-    n, _, h, w = (int(s) for s in input_shape)
-    f1, c1, kh1, kw1 = a_shape
-    f2, c2, kh2, kw2 = b_shape
-    stride1, pointwise = geom.stage_plan(a_shape)
-    padded = (h + 2 * geom.padding[0], w + 2 * geom.padding[1])
-    h1, w1 = conv_output_size(padded, (kh2, kw2), stride1, (0, 0), geom.dilation)
-    stage1 = n * c1 * rank * f2 * c2 * kh2 * kw2 * h1 * w1
-    if pointwise:
-        return stage1 + n * f1 * c1 * rank * f2 * h1 * w1
-    dil2 = (geom.dilation[0] * kh2, geom.dilation[1] * kw2)
-    ho, wo = conv_output_size((h1, w1), (kh1, kw1), geom.stride, (0, 0), dil2)
-    return stage1 + n * f2 * f1 * c1 * rank * kh1 * kw1 * ho * wo
 
 
 # ------------------------------------------------------------------------ enumeration / choice
@@ -159,21 +102,29 @@ class Factorization:
     mac_ratio: float | None
 
 
-def _layer_dims(layer: nn.Module) -> tuple[Shape, ConvGeometry | None]:
-    if isinstance(layer, nn.Linear):
-        return (layer.out_features, layer.in_features), None
+def _conv_args(layer: nn.Module) -> ConvArgs:
+    """The conv arguments of an ``nn.Conv2d`` or of a factored conv layer."""
     if isinstance(layer, nn.Conv2d):
-        if isinstance(layer.padding, str):
-            raise ValueError(f"{layer}: string padding {layer.padding!r} is not supported")
-        geom = ConvGeometry(pair(layer.stride), pair(layer.padding), pair(layer.dilation))
-        return tuple(layer.weight.shape), geom
-    weight = getattr(layer, "dense_weight", None)
-    if weight is not None:
-        geom = None
-        if hasattr(layer, "stride"):
-            geom = ConvGeometry(pair(layer.stride), pair(layer.padding), pair(layer.dilation))
-        return tuple(layer.dense_weight().shape), geom
-    raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+        return ConvArgs.from_conv(layer)
+    args = getattr(layer, "args", None)
+    if isinstance(args, ConvArgs):
+        return args
+    return ConvArgs.of(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                       layer.padding, layer.dilation, getattr(layer, "groups", 1),
+                       getattr(layer, "padding_mode", "zeros"))
+
+
+def _layer_dims(layer: nn.Module) -> tuple[Shape, ConvArgs | None]:
+    """``(one block's kernel shape, conv arguments or None for a linear layer)``; a grouped
+    conv's block is ``(F/groups, C/groups, kh, kw)``."""
+    if isinstance(layer, nn.Linear) or (
+            not isinstance(layer, nn.Conv2d) and hasattr(layer, "in_features")):
+        return (int(layer.out_features), int(layer.in_features)), None
+    if isinstance(layer, nn.Conv2d) or hasattr(layer, "kernel_size"):
+        args = _conv_args(layer)
+        return (args.out_channels // args.groups, *args.weight_shape[1:]), args
+    raise FactorizationError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}; "
+                             "only linear and 2-D conv layers have Kronecker terms")
 
 
 def kron_term_shapes(layer: nn.Module) -> list[Shape]:
@@ -194,15 +145,14 @@ def factorizations(
     factored execution. ``include_trivial`` keeps the two shapes that reproduce the dense layer
     (A all ones, or B all ones). Sorted by parameter count.
     """
-    dims, geom = _layer_dims(layer)
-    dense_params = math.prod(dims)
-    if geom is None:
+    dims, args = _layer_dims(layer)
+    blocks = 1 if args is None else args.groups
+    dense_params = blocks * math.prod(dims)
+    shape = None if args is None or input_hw is None else (1, args.in_channels, *input_hw)
+    if args is None:
         dense_macs: int | None = linear_macs((1, dims[1]), dims[1], dims[0])
-    elif input_hw is not None:
-        dense_macs = conv2d_macs((1, dims[1], *input_hw), dims, geom.stride, geom.padding,
-                                 geom.dilation)
     else:
-        dense_macs = None
+        dense_macs = None if shape is None else args.dense_macs(shape)
     out = []
     for a in all_a_shapes(dims):
         b = tuple(d // s for d, s in zip(dims, a))
@@ -210,11 +160,12 @@ def factorizations(
             continue
         if rank > min(math.prod(a), math.prod(b)):
             continue
-        params = rank * (math.prod(a) + math.prod(b))
-        if geom is None:
+        params = blocks * rank * (math.prod(a) + math.prod(b))
+        if args is None:
             macs: int | None = linear_group_macs(a, b, rank, 1)
-        elif input_hw is not None:
-            macs = conv_group_macs(geom, a, b, rank, (1, dims[1], *input_hw))
+        elif shape is not None:
+            macs = conv_group_macs(a, b, rank, shape, stride=args.stride, pads=args.pads,
+                                   dilation=args.dilation, blocks=blocks)
         else:
             macs = None
         out.append(
@@ -242,12 +193,14 @@ def within_budget(
     mac_ratio`` (each bound only when given; conv MACs need ``input_hw``). Sorted by parameters.
     """
     if param_ratio is None and mac_ratio is None:
-        raise ValueError("a Kronecker shape choice needs a budget: param_ratio and/or mac_ratio")
+        raise FactorizationError(
+            "a Kronecker shape choice needs a budget: param_ratio and/or mac_ratio")
     for name, v in (("param_ratio", param_ratio), ("mac_ratio", mac_ratio)):
         if v is not None and not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
+            raise FactorizationError(f"{name} must be > 0, got {v}")
     if mac_ratio is not None and input_hw is None and not isinstance(layer, nn.Linear):
-        raise ValueError("a MAC budget on a conv layer needs its input size (input_hw=(H, W))")
+        raise FactorizationError(
+            "a MAC budget on a conv layer needs its input size (input_hw=(H, W))")
     return [f for f in factorizations(layer, input_hw=input_hw, rank=rank,
                                       include_trivial=include_trivial)
             if (param_ratio is None or f.param_ratio <= param_ratio)
@@ -265,17 +218,26 @@ def choose_terms(
     """The single-shape ``terms`` list (``rank`` copies of one A shape) for a budget.
 
     Among the shapes :func:`within_budget`, the one with the most parameters wins (most
-    capacity for the budget); ties go to the most balanced A/B split. Raises ``ValueError`` if
-    nothing fits, naming the smallest achievable ratio.
+    capacity for the budget); ties go to the most balanced A/B split. Raises
+    ``FactorizationError`` if nothing fits, naming the blocker and the smallest achievable
+    ratio.
     """
     fits = within_budget(layer, input_hw, rank=rank, param_ratio=param_ratio,
                          mac_ratio=mac_ratio)
     if not fits:
         cands = factorizations(layer, input_hw=input_hw, rank=rank)
+        name = type(layer).__name__
+        if not cands:
+            dims, args = _layer_dims(layer)
+            blocker = (f"groups={args.groups} leaves blocks of {dims}"
+                       if args is not None and args.groups > 1 else f"its shape {dims}")
+            raise FactorizationError(
+                f"{name}: {blocker} has no non-trivial rank-{rank} Kronecker term; "
+                f"nearest working setting: rank=1 or leave this layer dense")
         best_p = min((f.param_ratio for f in cands), default=float("nan"))
         best_m = min((f.mac_ratio for f in cands if f.mac_ratio is not None), default=None)
-        raise ValueError(
-            f"no rank-{rank} Kronecker term of {layer} meets param_ratio={param_ratio}, "
+        raise FactorizationError(
+            f"{name}: no rank-{rank} Kronecker term meets param_ratio={param_ratio}, "
             f"mac_ratio={mac_ratio}; smallest achievable: param_ratio={best_p:.4g}"
             + (f", mac_ratio={best_m:.4g}" if best_m is not None else "")
         )

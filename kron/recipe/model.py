@@ -65,10 +65,10 @@ def surgered_model(cfg: DictConfig, num_classes: int, shape: tuple[int, int, int
 def plan_layers(model: nn.Module, job: Job, shape: tuple[int, int, int], batch: int
                 ) -> dict[str, str]:
     """Pin every ``auto`` Kronecker layer to the implementation measured fastest for a training
-    step at this job's batch (``kron.layers.plan``: rank 0 measures, every rank receives the
+    step at this job's batch (``kron.planning.plan``: rank 0 measures, every rank receives the
     same plan). The measuring forward leaves no trace: buffers (BatchNorm statistics) and the
     RNG streams are put back. The plan is recorded in results.json, never in checkpoints."""
-    from kron.layers import apply_plan, plan
+    from kron.planning import apply_plan, plan
 
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     devices = [job.device] if job.cuda else []

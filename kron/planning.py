@@ -17,17 +17,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kron.layers.kronecker import _KroneckerSum
+from kron.layers.kron_base import KroneckerSum
 from kron.timing import median_times, training_step
 
 
-def auto_layers(model: nn.Module) -> dict[str, _KroneckerSum]:
+def auto_layers(model: nn.Module) -> dict[str, KroneckerSum]:
     """The Kronecker layers of ``model`` whose implementation is ``"auto"``, by name."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, _KroneckerSum) and m.implementation == "auto"}
+            if isinstance(m, KroneckerSum) and m.implementation == "auto"}
 
 
-def _layer_inputs(model: nn.Module, layers: dict[str, _KroneckerSum],
+def _layer_inputs(model: nn.Module, layers: dict[str, KroneckerSum],
                   example_input: torch.Tensor | tuple) -> dict[str, torch.Tensor]:
     """The input each layer receives in one forward of ``example_input`` (no grad)."""
     seen: dict[str, torch.Tensor] = {}
@@ -44,11 +44,11 @@ def _layer_inputs(model: nn.Module, layers: dict[str, _KroneckerSum],
     return seen
 
 
-def _candidates(layer: _KroneckerSum, device_type: str) -> list[str]:
-    return list(layer._candidates(device_type))
+def _candidates(layer: KroneckerSum, device_type: str) -> list[str]:
+    return list(layer.candidates(device_type))
 
 
-def _runner(layer: _KroneckerSum, x: torch.Tensor, impl: str,
+def _runner(layer: KroneckerSum, x: torch.Tensor, impl: str,
             training: bool) -> Callable[[], object]:
     if not training:
         def infer() -> object:
@@ -109,9 +109,9 @@ def apply_plan(model: nn.Module, plan_: dict[str, str]) -> None:
             raise ValueError(
                 f"plan names layer {name!r}, which is not an 'auto' Kronecker layer of the model "
                 f"(those are: {', '.join(layers) or 'none'})")
-        if impl not in layer._implementations() or impl == "auto":
+        if impl not in layer.implementations or impl == "auto":
             raise ValueError(f"plan gives layer {name!r} implementation {impl!r}; expected one "
-                             f"of {', '.join(i for i in layer._implementations() if i != 'auto')}")
+                             f"of {', '.join(i for i in layer.implementations if i != 'auto')}")
         layer.planned_implementation = impl
 
 
