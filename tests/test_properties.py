@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
