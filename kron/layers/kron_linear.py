@@ -157,14 +157,19 @@ class KronLinear(KroneckerSum):
         return found
 
     def _triton_ok(self) -> bool:
-        """Triton can run here and its kernel handles every term group in the factors' dtype."""
-        from kron.layers import triton_linear
+        """Triton can run here, its kernel handles every term group in the dtype it would run
+        in (autocast's, else the factors'), and it passed its numerical self-check on this
+        device in that dtype (:func:`kron.layers.triton_selfcheck.verified`, once per pair)."""
+        from kron.layers import triton_linear, triton_selfcheck
 
         if not triton_linear.triton_available():
             return False
-        dtype = self.a_factors[0].dtype
-        return all(triton_linear.triton_supports(a.shape, b.shape, dtype)
-                   for a, b in self.factor_pairs())
+        device = self.a_factors[0].device
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.a_factors[0].dtype)
+        return (all(triton_linear.triton_supports(a.shape, b.shape, dtype)
+                    for a, b in self.factor_pairs())
+                and triton_selfcheck.verified(device, dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
