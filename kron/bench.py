@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     allocator = configure_allocator()
     print(allocator)
+    if args.what != "calibrate":  # calibrate measures the constants: start from the shipped ones
+        calibrate.load_defaults()
     if args.what != "layers":
         return args.run(args)
     return bench_layers(args, allocator)

@@ -58,6 +58,13 @@ def load_default(device_type: str) -> Path | None:
     return path
 
 
+def load_defaults() -> list[Path]:
+    """:func:`load_default` for the CPU, and for CUDA when a GPU is present: what
+    ``kron.train`` and ``kron.bench`` call at start."""
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [p for p in (load_default(k) for k in kinds) if p is not None]
+
+
 def cases(device_type: str, quick: bool) -> list[Case]:
     """One or more cases per kind the model prices: linear, 1x1-A conv, spatial-A conv."""
     if quick:

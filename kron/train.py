@@ -106,13 +106,16 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """The command line (``python -m kron.train``, ``kron-train``): set up the allocator,
-    check the command line's overrides against the schema (one line on stderr and exit code 2
-    if wrong), then hand over to Hydra."""
+    """The command line (``python -m kron.train``, ``kron-train``): set up the allocator, load
+    this machine's cost-model calibration if one was measured, check the command line's
+    overrides against the schema (one line on stderr and exit code 2 if wrong), then hand over
+    to Hydra."""
+    from kron.calibrate import load_defaults
     from kron.cli_check import cli_config_error
     from kron.runtime import configure_allocator
 
     configure_allocator()
+    load_defaults()  # the cost model's constants measured here by `kron.bench calibrate`, if any
     problem = cli_config_error(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
