@@ -123,6 +123,7 @@ class TrainConfig:
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool | Literal["auto"] = "auto"
+    layers_strict: bool = True
     implementation: str | None = None  # one of KronLinear.implementations
     plan_layers: bool = False
     compile: bool = False

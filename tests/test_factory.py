@@ -218,8 +218,8 @@ def test_depthwise_budget_refusal_names_groups_not_the_budget():
         pytest.fail("a depthwise 3x3 conv cannot reach param_ratio 0.1")
 
 
-@pytest.mark.xfail(strict=False, reason="grouped convs are factored once the layers take groups")
 def test_depthwise_is_factored():
+    # each group (1, 1, 3, 3) is a full-rank sum of three (1, 1, 3, 1) x (1, 1, 1, 3) terms
     dense = dense64(nn.Conv2d(8, 8, 3, padding=1, groups=8))
     m = factorize(dense, "kron", terms=[(1, 1, 3, 1)] * 3, init="dense")
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)

@@ -20,8 +20,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kron.errors import CheckpointError, ConfigError, OutputFolderError
+from kron.errors import CheckpointError, OutputFolderError
 from kron.fileio import atomic_write, atomic_write_text
+from kron.layers.errors import FactorizationError
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import CKPT_NAME, MARKER_NAME, load_checkpoint, save_checkpoint
 from kron.recipe.record import RunRecord, search_root, unusable_folder
@@ -238,7 +239,7 @@ def test_impossible_layers_spec_fails_before_the_data_is_built(tiny, tmp_path):
     fresh = tmp_path / "data"  # the synthetic data would be generated here
     over = [*[o for o in tiny if not o.startswith("data.root=")], f"data.root={fresh}",
             "layers=dense", "+layers={features.conv2: {kind: kron, terms: [[5, 2, 1, 1]]}}"]
-    with pytest.raises(ConfigError, match=r"^layers\['features.conv2'\] -> features.conv2 "
+    with pytest.raises(FactorizationError, match=r"^surgery refused \(strict\).*features.conv2 "
                        r"Conv2d\(4->16, 3x3\).*invalid Kronecker term A shape \(5, 2, 1, 1\)"):
         run(tmp_path / "r", over)
     assert not fresh.exists()

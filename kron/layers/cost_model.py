@@ -135,11 +135,16 @@ def choose(
 
 
 # ----------------------------------------------------------------------------- calibration
+# How many times the constants changed in this process: layers memoise their choice with it.
+GENERATION = 0
+
+
 def set_constants(device_type: str, costs: DeviceCosts) -> DeviceCosts:
     """Make ``costs`` the constants of ``device_type`` (``"cpu"``, else every accelerator) for
     this process; returns the constants they replace (to put back)."""
-    global CPU, CUDA
+    global CPU, CUDA, GENERATION
     previous = constants_for(device_type)
+    GENERATION += 1  # choices made under the old constants are stale
     if device_type == "cpu":
         CPU = costs
     else:

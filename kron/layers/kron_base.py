@@ -232,10 +232,11 @@ class KroneckerSum(nn.Module):
     def rule_implementation(self, input_shape: Sequence[int], device_type: str,
                             training: bool) -> str:
         """What ``"auto"`` runs by the cost model for this input, device type and mode (a pure
-        function of them, memoised so that small layers do not pay for it on every call)."""
+        function of them and of the cost model's constants, memoised so that small layers do not
+        pay for it on every call)."""
         shape = tuple(example_size(s) for s in input_shape)
         candidates = tuple(self.candidates(device_type))
-        key = (shape, device_type, bool(training), candidates)
+        key = (shape, device_type, bool(training), candidates, cost_model.GENERATION)
         choice = self._rules.get(key)
         if choice is None:
             choice = cost_model.choose(self.workload(shape, device_type), candidates,

@@ -55,10 +55,9 @@ def surgered_model(cfg: DictConfig, num_classes: int, shape: tuple[int, int, int
     if cfg.init_from:  # a trained dense run to fit `init: dense` layers from
         src = Path(hydra.utils.to_absolute_path(str(cfg.init_from)))
         model.load_state_dict(load_checkpoint(src / CKPT_NAME if src.is_dir() else src)["model"])
-    # layers_strict (optional): refuse the run when a matched layer cannot meet its entry,
-    # instead of leaving it dense and reporting it in the surgery table
-    rows = apply_surgery(model, layers_spec(cfg), (1, *shape),
-                         strict=bool(cfg.get("layers_strict", False)))
+    # layers_strict: refuse the run when a matched layer cannot meet its entry, instead of
+    # leaving it dense and reporting it in the surgery table
+    rows = apply_surgery(model, layers_spec(cfg), (1, *shape), strict=bool(cfg.layers_strict))
     return model, rows, build_dense
 
 
