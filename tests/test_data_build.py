@@ -56,6 +56,18 @@ def test_synth_svhn_generated_on_first_use(tmp_path):
     assert torch.equal(xb[3], test[3][0])  # evaluation: in order, untransformed by seeds
 
 
+
+def test_build_datasets_leaves_the_global_rng_alone(tmp_path):
+    # the shape check runs one training item through the random crop; that draw must not move
+    # the global stream, or building the data would change the model's init and dropout masks
+    cfg = _cfg("synth_svhn", root=tmp_path / "s", **{"synth.n_train": 16, "synth.n_test": 8})
+    assert cfg.transforms.train.random_crop  # the probe really draws
+    build_datasets(cfg)  # renders the data once, outside the measured call
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    build_datasets(cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
 def test_hwdb_config(tmp_path):
     write_gnt(tmp_path / "a.gnt", random_gnt_records(6, seed=0, max_side=50))
     for split in ("train", "test"):

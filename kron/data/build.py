@@ -108,6 +108,7 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     classes is checked against `cfg.num_classes`, and the first training item's shape against
     `in_channels` and `input_size`, so a config that disagrees with its data fails here, with
     a message, rather than deep in the model.
+    The global torch RNG is left as it was (the probe's random transforms draw on a fork).
     """
     c = as_dict(cfg)
     train, test = build_dataset(c, "train"), build_dataset(c, "test")
@@ -118,7 +119,10 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
             f"set data.num_classes={n}."
         )
     if len(train) and "in_channels" in c and "input_size" in c:
-        shape = tuple(train[0][0].shape)
+        # the probe runs the training transforms (random crops): on a forked CPU stream, so
+        # building the data never moves the global RNG (model init and dropout draw from it)
+        with torch.random.fork_rng(devices=[]):
+            shape = tuple(train[0][0].shape)
         want = (int(c["in_channels"]), int(c["input_size"]), int(c["input_size"]))
         if shape != want:
             raise DatasetError(
