@@ -163,10 +163,11 @@ def test_cuda_rule_uses_triton_and_the_grouped_conv_where_they_apply(monkeypatch
     """On CUDA the candidates include Triton (KronLinear, when usable for every group) and the
     factored conv's pointwise groups are costed as the grouped-conv formulation: large
     inputs pick them, small ones stay dense (launch-bound), per the issue-9 figures."""
-    from kron.layers import triton_linear
+    from kron.layers import triton_linear, triton_selfcheck
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(triton_linear, "triton_available", lambda: True)
+    monkeypatch.setattr(triton_selfcheck, "verified", lambda device, dtype: True)  # as on a GPU
     lin = KronLinear(4096, 4096, [(64, 64)])
     assert lin.candidates("cuda") == ["factored", "dense", "triton"]
     assert lin.rule_implementation((16384, 4096), "cuda", False) == "triton"
