@@ -8,7 +8,7 @@ A `.gnt` file is a plain sequence of records, each:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -195,9 +195,3 @@ def encode_record(code: int, bitmap: np.ndarray) -> bytes:
     bitmap = np.ascontiguousarray(bitmap, dtype=np.uint8)
     h, w = bitmap.shape
     return HEADER.pack(HEADER.size + w * h, code.to_bytes(2, "big"), w, h) + bitmap.tobytes()
-
-
-def encode_records(records: Iterable[tuple[int, np.ndarray]]) -> Iterator[bytes]:
-    """Bytes of many records, for writers that stream them to a file."""
-    for code, bitmap in records:
-        yield encode_record(code, bitmap)

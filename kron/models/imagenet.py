@@ -54,8 +54,8 @@ class AlexNet(nn.Module):
 
 
 def alexnet(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0,
-            large_maps: bool = False, dropout: float = 0.5, pretrained: bool = False,
-            **_: object) -> AlexNet:
+            large_maps: bool = False, dropout: float = 0.5, pretrained: bool = False
+            ) -> AlexNet:
     """AlexNet; ``pretrained`` loads torchvision's ImageNet weights (width 1, 1000 classes)."""
     net = AlexNet(num_classes, in_channels, width, large_maps, dropout)
     if pretrained:
@@ -66,8 +66,8 @@ def alexnet(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0,
 
 
 def resnet(arch: str = "resnet18", num_classes: int = 1000, in_channels: int = 3,
-           width: float = 1.0, large_maps: bool = False, pretrained: bool = False,
-           **_: object) -> nn.Module:
+           width: float = 1.0, large_maps: bool = False, pretrained: bool = False
+           ) -> nn.Module:
     """A torchvision ResNet (``arch`` e.g. resnet18, resnet50) as the modern reference.
 
     ``width`` maps to torchvision's ``width_per_group`` and so only applies to bottleneck

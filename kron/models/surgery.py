@@ -22,7 +22,6 @@ refuse.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
@@ -44,7 +43,7 @@ NOT_CALLED = ("never called by the probe forward (eval mode): its weight is read
 
 __all__ = ["SurgeryRow", "SurgeryPlan", "apply_surgery", "plan_surgery", "format_table",
            "surgery_targets",
-           "replaceable_layers", "record_input_shapes", "match_spec", "describe", "dense_twin"]
+           "replaceable_layers", "record_input_shapes", "match_spec", "describe"]
 
 
 @dataclass
@@ -307,7 +306,3 @@ def format_table(rows: list[SurgeryRow]) -> str:
         out.extend(f"  {r.name} {r.shape} (kind {r.requested}): {r.reason}" for r in left)
     return "\n".join(out)
 
-
-def dense_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` (used before surgery to keep the unswapped net for measurement)."""
-    return copy.deepcopy(model)
