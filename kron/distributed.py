@@ -32,6 +32,10 @@ API (what ``kron/train.py`` calls; see docs/design.md, "Distributed training and
 - ``barrier()`` -- waits for all ranks (no-op when single).
 - ``cleanup()`` -- destroys the process group if one is up (call it in a ``finally``), so the
   next job of a multirun in the same process starts clean.
+- ``node_share() -> NodeShare`` -- the launcher's name (``torchrun``, ``submitit_local``,
+  ``submitit_slurm``, ``single``), how many of the job's processes run on this node, and the
+  CPUs SLURM gave each task (``SLURM_CPUS_PER_TASK``); what :mod:`kron.runtime` divides the
+  node's cores by to choose each process's threads.
 - ``seed_for_rank(base_seed, rank) -> int`` -- the seed of a rank's random streams (data
   augmentation, loader workers): ``base_seed`` on rank 0, distinct on every other rank.
 - ``set_cublas_workspace() -> bool`` -- sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (needed for
@@ -152,6 +156,42 @@ def detect_launch() -> LaunchEnv:
         port = _int_env("MASTER_PORT", port_for_job(job.job_id))
         return LaunchEnv("submitit", rank, world, local_rank, addr, port)
     return LaunchEnv("single", 0, 1, 0, None, None)
+
+
+class NodeShare(NamedTuple):
+    """How this process shares its node with the rest of its job."""
+
+    launcher: str  # "torchrun" | "submitit_local" | "submitit_slurm" | "single"
+    tasks_on_node: int  # processes of this job on this node (>= 1)
+    cpus_per_task: int | None  # CPUs SLURM gave this task (SLURM_CPUS_PER_TASK), None: not said
+
+
+def _slurm_cpus() -> int | None:
+    raw = os.environ.get("SLURM_CPUS_PER_TASK")
+    return _int_env("SLURM_CPUS_PER_TASK") if raw else None
+
+
+def node_share() -> NodeShare:
+    """Who launched this process and how many of the job's processes share its node.
+
+    torchrun: ``LOCAL_WORLD_SIZE`` (else the world size); its children share the CPUs of the
+    one task that ran torchrun, so ``SLURM_CPUS_PER_TASK`` is not theirs. submitit: tasks per
+    node from ``SLURM_NTASKS_PER_NODE`` (SLURM) or the job's tasks over its nodes, plus
+    ``SLURM_CPUS_PER_TASK`` when set. Otherwise one process (with ``SLURM_CPUS_PER_TASK`` when
+    run by ``srun``). Reads the environment only.
+    """
+    launch = detect_launch()
+    if launch.launcher == "torchrun":
+        return NodeShare("torchrun", max(1, _int_env("LOCAL_WORLD_SIZE", launch.world_size)),
+                         None)
+    job = _submitit_env()
+    if launch.launcher == "submitit" and job is not None:
+        executor = os.environ.get("SUBMITIT_EXECUTOR", "local")
+        tasks = -(-int(job.num_tasks) // max(1, int(job.num_nodes)))
+        if executor == "slurm" and os.environ.get("SLURM_NTASKS_PER_NODE"):
+            tasks = _int_env("SLURM_NTASKS_PER_NODE")
+        return NodeShare(f"submitit_{executor}", max(1, tasks), _slurm_cpus())
+    return NodeShare("single", 1, _slurm_cpus())
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -1,6 +1,13 @@
 """Process set-up shared by kron's entrypoints (``kron.train``, ``kron.bench``, ``kron-tables``):
 the allocator (once per process) and the process-wide state of one training job
-(:func:`job_scope`: seeds, deterministic flags, threads, cuBLAS workspace; set and restored).
+(:func:`job_scope`: seeds, deterministic flags, threads, cuBLAS workspace; set and restored),
+and the intra-op thread count every launcher agrees on (:func:`choose_threads`).
+
+Threads: unless the user says (``threads=N``, or ``OMP_NUM_THREADS``), each process gets
+``max(1, usable cores // processes of the job on this node)`` -- ``SLURM_CPUS_PER_TASK`` when
+SLURM says it -- whether torchrun, submitit (local or SLURM) or nothing launched it, so a row's
+numbers and its latency columns do not depend on the launcher, and two processes on two cores
+do not each spin two OpenMP threads (the issue 17 measurement: 35 img/s instead of 430).
 
 The allocator: glibc serves every block above its mmap threshold (128 KiB, adaptively raised up
 to 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``. A layer that allocates
@@ -24,12 +31,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kron.distributed import set_cublas_workspace
+from kron.distributed import NodeShare, node_share, set_cublas_workspace
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -90,6 +98,72 @@ def configure_allocator() -> str:
     return _configured
 
 
+# ----------------------------------------------------------------------------- threads
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups, SLURM binding)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def in_launch_environment(name: str, pid: int | None = None) -> bool | None:
+    """Whether ``name`` was in the environment process ``pid`` (default: the parent) started
+    with, read from ``/proc/<pid>/environ`` (which later ``os.environ`` changes do not touch);
+    None where that cannot be read (not Linux, no permission)."""
+    path = Path(f"/proc/{os.getppid() if pid is None else pid}/environ")
+    try:
+        entries = path.read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return any(e.split(b"=", 1)[0] == name.encode() for e in entries)
+
+
+def _omp_threads(share: NodeShare) -> int | None:
+    """``OMP_NUM_THREADS`` as the user's choice, or None. torchrun sets it to 1 itself for its
+    children when its own environment lacks it; that 1 is torchrun's, not the user's."""
+    raw = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"OMP_NUM_THREADS={raw!r} is not a positive integer; unset it, or set "
+                         "threads=N in the config")
+    if (share.launcher == "torchrun" and raw == "1" and share.tasks_on_node > 1
+            and not in_launch_environment("OMP_NUM_THREADS")):
+        return None
+    return int(raw)
+
+
+def default_threads(share: NodeShare, cores: int) -> int:
+    """``cores`` shared among this node's processes: ``SLURM_CPUS_PER_TASK`` (at most
+    ``cores``) when SLURM gave it, else ``max(1, cores // share.tasks_on_node)``."""
+    if share.cpus_per_task:
+        return max(1, min(share.cpus_per_task, cores))
+    return max(1, cores // share.tasks_on_node)
+
+
+def choose_threads(threads: int | None = None) -> tuple[int, str]:
+    """This process's intra-op threads and why, in one line: ``threads`` when given, else
+    ``OMP_NUM_THREADS`` when the user set it, else :func:`default_threads`."""
+    share = node_share()
+    if threads:
+        return int(threads), "set by threads=N"
+    omp = _omp_threads(share)
+    if omp is not None:
+        return omp, "set by OMP_NUM_THREADS"
+    cores = usable_cores()
+    why = (f"SLURM_CPUS_PER_TASK={share.cpus_per_task}, {cores} usable cores"
+           if share.cpus_per_task else
+           f"{cores} usable cores / {share.tasks_on_node} process(es) on this node")
+    return default_threads(share, cores), f"{why} ({share.launcher})"
+
+
+def launch_record() -> dict[str, Any]:
+    """What results.json records of how the run ran: this process's intra-op threads now and
+    its launcher (``torchrun``, ``submitit_local``, ``submitit_slurm`` or ``single``)."""
+    return {"threads": torch.get_num_threads(), "launcher": node_share().launcher}
+
+
 # ----------------------------------------------------------------------------- one job's state
 @dataclass
 class JobSettings:
@@ -98,7 +172,7 @@ class JobSettings:
     seed: int = 0
     deterministic: bool = True
     cuda: bool = False
-    threads: int | None = None
+    threads: int | None = None  # None: :func:`choose_threads` decides
 
 
 def _flags() -> dict[str, Any]:
@@ -138,15 +212,17 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
 
     Inside: the CPU RNGs (torch, numpy, random) seeded with ``s.seed``; deterministic
     algorithms and cuDNN settings as ``s`` says (TF32 matmuls on CUDA); ``threads``
-    intra-op threads; ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS. On exit every one of
+    intra-op threads (``s.threads``, else :func:`choose_threads`'s; the choice is the first
+    note); ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS. On exit every one of
     these, the RNG states included, is what it was before (the cuBLAS variable stays once CUDA
     is initialised: cuBLAS has read it), so two jobs of a multirun in one process behave like
-    two processes. Yields the list of notes (one line each) about what
+    two processes. Yields the list of notes (one line each): the thread choice, and what
     could not be done, e.g. cuBLAS already initialised. See docs/design.md, "Process set-up".
     """
     before, rngs = _flags(), _rng_states()
     env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    notes: list[str] = []
+    threads, why = choose_threads(s.threads)
+    notes: list[str] = [f"threads: {threads} ({why})"]
     if s.deterministic and s.cuda and env_before is None:
         with warnings.catch_warnings():  # said once, as a note of the run, instead
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -159,7 +235,7 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
         np.random.seed(s.seed % 2**32)
         random.seed(s.seed)
         _set_flags({
-            "threads": int(s.threads) if s.threads else before["threads"],
+            "threads": threads,
             "deterministic": s.deterministic, "warn_only": True,
             "cudnn_benchmark": s.cuda and not s.deterministic,
             "cudnn_deterministic": s.deterministic,

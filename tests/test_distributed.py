@@ -243,16 +243,18 @@ def test_two_submitit_local_tasks_form_one_group(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 def _tiny(root: Path) -> list[str]:
     """A tiny run on synthetic SVHN, no BatchNorm and no random augmentation (see
-    test_train.test_ddp_two_cpu_processes_equal_one_process), one thread per process."""
+    test_train.test_ddp_two_cpu_processes_equal_one_process), threads left to the launch."""
     return [f"data.root={root}", "data.synth.n_train=128", "data.synth.n_test=64",
             "data.loader.num_workers=0", "model.width=0.125", "model.norm=none",
             "data.transforms.train.random_crop=null", "batch_size=32", "eval_batch_size=64",
             "epochs=1", "measure.enabled=false", "progress=false", "wandb.mode=disabled",
-            "implementation=factored", "scheduler.warmup_steps=2", "threads=1", "device=cpu"]
+            "implementation=factored", "scheduler.warmup_steps=2", "device=cpu"]
 
 
 @pytest.mark.slow
 def test_submitit_two_tasks_equal_torchrun_two_processes(tmp_path):
+    """Threads at their defaults (no ``threads=``, no OMP_NUM_THREADS): both launches give each
+    process the same share of the cores, record it and their launcher, and train bit-identically."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
@@ -262,8 +264,8 @@ def test_submitit_two_tasks_equal_torchrun_two_processes(tmp_path):
     over = _tiny(tmp_path / "data")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         build_datasets(compose("train", overrides=over).data)  # render the data once, up front
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    for name in LAUNCH_VARS:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for name in [*LAUNCH_VARS, "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"]:
         env.pop(name, None)
     sweep, single = tmp_path / "submitit", tmp_path / "torchrun"
     subprocess.run([sys.executable, "-m", "kron.train", "-m", "launcher=submitit_local",
@@ -278,6 +280,9 @@ def test_submitit_two_tasks_equal_torchrun_two_processes(tmp_path):
     a = json.loads((sweep / "0" / "results.json").read_text())
     b = json.loads((single / "results.json").read_text())
     assert a["world_size"] == b["world_size"] == 2 and a["epochs_done"] == 1
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # 1 on the 2-core machine
+    assert (a["launcher"], a["threads"]) == ("submitit_local", share)
+    assert (b["launcher"], b["threads"]) == ("torchrun", share)
     assert a["test_acc1"] == b["test_acc1"] and a["test_loss"] == pytest.approx(b["test_loss"])
     wa = torch.load(sweep / "0" / "last.pt", weights_only=True)["model"]
     wb = torch.load(single / "last.pt", weights_only=True)["model"]

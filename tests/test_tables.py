@@ -91,6 +91,9 @@ def toy(tmp_path):
 EXPECTED_MD = """\
 ## Toy table
 
+Separated from dense (Δ error points, outside its seed spread): Kron A (+0.88 ± 0.18). \
+**Not separated** (one seed, no spread): Kron B (+2.50).
+
 Paper: nowhere.
 
 | Row | Family | n | Top-1 (%) | Error (%) | Δ error | Params | Param. red. | MACs | MAC red. | \
@@ -153,6 +156,23 @@ def test_render_markdown_and_csv_exactly(toy):
     assert lines[5].startswith("large,Large maps,kron,missing,0,2,,,")
     runs = R.runs_csv(results, base=out / "tables" / "toy").splitlines()
     assert len(runs) == 1 + 10 and runs[3].startswith("kron_a,0,ok,91.75,250000,5000000,19000000")
+
+
+def test_rows_inside_their_spread_are_said_to_be_not_separated():
+    # Δ per seed pair: a +1.0, +1.4 -> +1.2 ± 0.28 (separated); b -0.5, +1.5 -> +0.5 ± 1.41
+    table = table_from_dict({**DECL, "rows": DECL["rows"][:3]})
+    errs = {"dense": (7.0, 8.0), "kron_a": (8.0, 9.4), "kron_b": (6.5, 9.5)}
+    results = [RunResult(table.row(r), "ok", result(100 - e[s], 1e6, 2e7, 1.0, r, s),
+                         Path(f"/r/{r}{s}"), seed=s)
+               for r, e in errs.items() for s in (0, 1)]
+    rows = R.metrics(results, "dense")
+    assert [R.vs_reference(m) for m in rows] == [None, "separated", "not separated"]
+    assert R.reference_line(rows, "dense") == (
+        "Separated from dense (Δ error points, outside its seed spread): Kron A (+1.20 ± 0.28). "
+        "**Not separated** (Δ error inside its seed spread): Kron B (+0.50 ± 1.41).")
+    line = R.reference_line([rows[0], rows[2]], "dense")
+    assert line.startswith("**No row is separated from dense.** **Not separated**")
+    assert R.to_markdown(table, results).splitlines()[2] == R.reference_line(rows, "dense")
 
 
 def test_stat_and_separation_maths():

@@ -20,6 +20,7 @@ from kron.fileio import atomic_write_text
 from kron.recipe.checkpoint import TrainState
 from kron.recipe.model import Net
 from kron.recipe.setup import Job
+from kron.runtime import launch_record
 
 RESULTS_NAME = "results.json"
 
@@ -93,7 +94,8 @@ def results_record(cfg: DictConfig, job: Job, net: Net, state: TrainState,
         "train_images_per_s": images / seconds if seconds else None,
         "epochs_done": len(state.history), "history": state.history,
         "surgery": [r.as_dict() for r in net.rows], "layer_plan": net.plan,
-        "world_size": job.world, "device": str(job.device), "allocator": job.allocator,
+        "world_size": job.world, **launch_record(), "device": str(job.device),
+        "allocator": job.allocator,
         "notes": job.notes, "wandb_id": state.wandb_id, "run_dir": str(job.out_dir),
         "git_commit": git_commit(), "torch_version": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides,

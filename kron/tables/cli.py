@@ -8,6 +8,7 @@
     kron-tables frontier svhn_demo --families kron,lowrank,separable,cp,tucker
                          --param-ratios 0.05,0.1,0.2 [--seeds 3] [overrides]
     kron-tables demo
+    kron-tables results [PAGE] [--hours 2] [--dry-run]   (docs/results.md; resumable)
 
 Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/<experiment>/seed<k>/,
 table.md, table.csv (one line per row), runs.csv (one per run), table.tex,
@@ -198,6 +199,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code or (0 if all(r.status == "ok" for r in results) else 1)
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from kron.tables.page import build, load_page
+
+    return build(load_page(args.page), args.out, args.hours, args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kron-tables", description=__doc__.split("\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -265,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--redo", action="store_true")
     m.add_argument("--seeds", type=int, help="seeds per row (default: the demo table's)")
     m.set_defaults(fn=cmd_demo)
+
+    g = sub.add_parser("results", parents=[common],
+                       help="run what a results page lacks (within --hours), render the page")
+    g.add_argument("page", nargs="?", default="results",
+                   help="experiments/pages/<PAGE>.yaml or a path (default: results)")
+    g.add_argument("--hours", type=float, help="time budget (default: the page's)")
+    g.add_argument("--dry-run", action="store_true", help="say what is missing, run nothing")
+    g.set_defaults(fn=cmd_results)
     return p
 
 

@@ -188,10 +188,49 @@ def separation_lines(rows: list[dict[str, Any]]) -> list[str]:
             + ", ".join(f"{a} vs {b}" for a, b in pairs) + "."]
 
 
+def vs_reference(m: dict[str, Any]) -> str | None:
+    """Whether a row's error differs from the reference row's by more than its spread:
+    ``separated`` when the interval mean ± std of its per-seed-pair Δ error excludes 0,
+    ``not separated`` when it contains 0, ``one seed`` without a spread; None for the reference
+    row itself and rows without a Δ error."""
+    d = m["delta_err"]
+    if m["is_reference"] or d is None:
+        return None
+    if d.n < 2:
+        return "one seed"
+    return "separated" if d.low > 0 or d.high < 0 else "not separated"
+
+
+def reference_line(rows: list[dict[str, Any]], reference: str | None) -> str | None:
+    """One sentence, under the title, on which rows differ from the reference by more than
+    their seed spread and which do not (a difference inside the spread is not a result)."""
+    by: dict[str, list[str]] = {"separated": [], "not separated": [], "one seed": []}
+    for m in rows:
+        verdict = vs_reference(m)
+        if verdict is not None:
+            by[verdict].append(f"{m['label']} ({num(m['delta_err'], sign=True)})")
+    if not any(by.values()):
+        return None
+    parts = [f"**No row is separated from {reference}.**"] if not by["separated"] else [
+        f"Separated from {reference} (Δ error points, outside its seed spread): "
+        + ", ".join(by["separated"]) + "."]
+    if by["not separated"]:
+        parts.append("**Not separated** (Δ error inside its seed spread): "
+                     + ", ".join(by["not separated"]) + ".")
+    if by["one seed"]:
+        parts.append("**Not separated** (one seed, no spread): " + ", ".join(by["one seed"])
+                     + ".")
+    return " ".join(parts)
+
+
 def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = None) -> str:
-    """The table as GitHub Markdown with its notes (deterministic: no dates, no absolute paths)."""
+    """The table as GitHub Markdown with its notes (deterministic: no dates, no absolute paths).
+    Under the title, which rows differ from the reference by more than their seed spread."""
     rows = metrics(results, table.reference, asked)
     out = [f"## {table.title}", ""]
+    against = reference_line(rows, table.reference)
+    if against:
+        out += [against, ""]
     if table.paper:
         out += [f"Paper: {table.paper}.", ""]
     out.append("| " + " | ".join(COLUMNS) + " |")
