@@ -2,7 +2,7 @@
 
 A checkpoint stores its run's resolved config and ``config_hash``, the hash of
 :func:`identity`: the config as the tables compare it to decide whether a record is current
-(:func:`kron.tables.run._comparable`, reused, not copied: data loading, resume, progress and
+(:func:`kron.tables.run.comparable_config`, reused, not copied: data loading, resume, progress and
 logging aside), less what only says when the run stops, where it runs and what it reports
 (``IGNORED``). The optimizer is part of it. ``resume`` compares the config inside the
 checkpoint with this run's and names the first key that differs. See docs/design.md, "The
@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kron.tables.run import _comparable as tables_comparable
+from kron.tables.run import comparable_config as tables_comparable
 
 #: top-level keys a resumed run may change: when it stops, where it runs, what it reports
 IGNORED = ("stop_after_epochs", "resume_force", "device", "threads", "eval_batch_size",

@@ -65,7 +65,7 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
         return True
     now = composed_config(want)
     return bool(now is not None and isinstance(saved.get("config"), dict)
-                and _comparable(saved["config"]) != _comparable(now))
+                and comparable_config(saved["config"]) != comparable_config(now))
 
 
 def composed_config(overrides: Sequence[str]) -> dict | None:
@@ -85,12 +85,12 @@ def composed_config(overrides: Sequence[str]) -> dict | None:
         return None
 
 
-def _comparable(config: dict) -> dict:
+def comparable_config(config: dict) -> dict:
     """A config without what does not change a run's result: how data is loaded, and where
     the run ran (launcher) or resumed from."""
     config = json.loads(json.dumps(config, default=str))
     config.get("data", {}).pop("loader", None)
-    for key in ("resume", "progress", "log_every"):
+    for key in ("resume", "resume_force", "progress", "log_every"):
         config.pop(key, None)
     return config
 
