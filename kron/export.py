@@ -5,7 +5,9 @@ The net is traced once at batch 1 (``torch.onnx.export(..., dynamo=True)``) with
 batch dimension, and dynamic height and width when the eager net itself runs at another size
 (nets ending in Flatten + Linear do not), then run in ONNX Runtime at batch 1 and 7 (and at
 the other size) and compared with the eager net. Success is reported only if every output
-matches within :func:`tolerance`.
+matches within :func:`tolerance`; a dynamic-size graph that fails its check is replaced by a
+batch-only one, checked the same way. The trace treats size-1 dimensions as general sizes
+(``backed_size_oblivious``): torch.export otherwise turns a batch of 1 into the constant 1.
 
 The tolerance. ONNX Runtime and PyTorch compute the same float32 sums in different orders,
 so they differ by rounding alone. A length-``K`` dot product rounds each partial sum, to
@@ -16,8 +18,7 @@ layers add: ``err / max|y| <~ u * sum_l sqrt(K_l)`` over the net's Linear/Conv l
 fan-in ``K_l``. :func:`tolerance` allows ``SAFETY = 8`` times that (same-sign runs, error
 amplification by weights larger than 1), relative to the largest eager output. For ResNet-18
 it is 3e-4; the measured differences are ~1e-6. A layer that computed something else, a
-batch fixed at trace time, or a wrong shape is off by O(1). See docs/design.md, "Compress and
-deploy".
+batch fixed at trace time, or a wrong shape is off by O(1). See docs/design.md, D2.
 """
 
 from __future__ import annotations
@@ -118,28 +119,52 @@ def spatial_ok(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
     return True
 
 
+def _size_oblivious() -> contextlib.AbstractContextManager:
+    """Trace a size-1 dimension as a general size: without it, torch.export specialises the
+    batch of an example at batch 1 to the constant 1 (its 0/1 rule), and every reshape that
+    names the batch (a factored layer's rows) is baked in for batch 1 only."""
+    import torch.fx.experimental._config as fx_config
+
+    if hasattr(fx_config, "backed_size_oblivious"):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
 def _trace(model: nn.Module, x: torch.Tensor, dims: dict[int, object]):
     buf = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), \
-            contextlib.redirect_stderr(buf):
+            contextlib.redirect_stderr(buf), _size_oblivious():
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=(dims,),
                                  verbose=False)
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], dynamic_hw: bool = True):
-    """The ONNX program of ``model`` traced at batch 1, and the names of its dynamic axes."""
+    """The ONNX program of ``model`` traced at batch 1, and the names of its dynamic axes
+    (batch, height and width when the net allows and ``dynamic_hw``, else batch)."""
+    return next(iter(traces(model, input_shape, dynamic_hw)))
+
+
+def traces(model: nn.Module, input_shape: tuple[int, ...], dynamic_hw: bool = True):
+    """``(program, axis names)`` for each way to trace ``model`` at batch 1, most dynamic
+    first (batch, height and width; then batch only); raises :class:`ExportError` if none
+    traces."""
     from torch.export import Dim
 
     x = torch.randn(1, *input_shape[1:])
     names = {0: "batch", 2: "height", 3: "width"}
     tries = [(0, 2, 3), (0,)] if dynamic_hw and spatial_ok(model, input_shape) else [(0,)]
+    last, traced = None, False
     for axes in tries:
         try:
-            return _trace(model, x, {a: Dim.DYNAMIC for a in axes}), [names[a] for a in axes]
+            program = _trace(model, x, {a: Dim.DYNAMIC for a in axes})
         except Exception as err:  # noqa: BLE001 - the exporter raises many types
             last = err
-    raise ExportError(f"torch.onnx.export failed: {type(last).__name__}: {_one_line(last)}")
+            continue
+        traced = True
+        yield program, [names[a] for a in axes]
+    if not traced:
+        raise ExportError(f"torch.onnx.export failed: {type(last).__name__}: {_one_line(last)}")
 
 
 def check(session, model: nn.Module, shapes: list[tuple[int, ...]], rel_tol: float,
@@ -188,23 +213,38 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     require_onnxruntime()
     was_training = model.training
     model.eval()
+    failure = None
     try:
-        program, dynamic = trace(model, tuple(input_shape), dynamic_hw)
-        with atomic_path(path) as tmp:  # renamed onto `path` only if every check passes
-            program.save(str(tmp))
-            shapes = [(b, *input_shape[1:]) for b in batches]
-            if "height" in dynamic:
-                n, c, h, w = input_shape
-                shapes.append((2, c, h + SPATIAL_PROBE, w + SPATIAL_PROBE))
-            checks = check(session_for(tmp), model, shapes, tolerance(model))
-            bad = [c for c in checks if not c.ok]
-            if bad:
-                c = bad[0]
-                why = c.error or f"max |ORT - eager| {c.max_diff:.2e} > {c.bound:.2e}"
-                raise ExportError(f"ONNX Runtime at input {'x'.join(map(str, c.shape))}: {why}")
+        for program, dynamic in traces(model, tuple(input_shape), dynamic_hw):
+            try:
+                checks = _save_checked(program, dynamic, model, input_shape, batches, path)
+            except ExportError as err:  # the file is gone; a less dynamic trace may pass
+                failure = failure or err
+                continue
+            return ExportResult(Path(path), dynamic, checks)
     finally:
         model.train(was_training)
-    return ExportResult(Path(path), dynamic, checks)
+    raise failure
+
+
+def _save_checked(program, dynamic: list[str], model: nn.Module, input_shape, batches,
+                  path: str | Path) -> list:
+    """Save ``program`` at ``path`` if ONNX Runtime matches eager at every checked size, else
+    raise :class:`ExportError` naming the first size that fails (and leave no file)."""
+    with atomic_path(path) as tmp:  # renamed onto `path` only if every check passes
+        program.save(str(tmp))
+        shapes = [(b, *input_shape[1:]) for b in batches]
+        if "height" in dynamic:
+            n, c, h, w = input_shape
+            shapes.append((2, c, h + SPATIAL_PROBE, w + SPATIAL_PROBE))
+        checks = check(session_for(tmp), model, shapes, tolerance(model))
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            c = bad[0]
+            why = c.error or f"max |ORT - eager| {c.max_diff:.2e} > {c.bound:.2e}"
+            raise ExportError(f"ONNX Runtime at input {'x'.join(map(str, c.shape))}: {why}")
+    return checks
+
 
 
 def load_for_export(target: str | Path) -> tuple[nn.Module, tuple[int, ...], Path]:

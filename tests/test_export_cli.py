@@ -72,8 +72,6 @@ def test_export_dense_run_runs_at_batch_1_7_64(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the Kronecker layers fix the batch when traced at "
-                   "batch 1 until the layers' dynamic-batch fix lands (issue 19)")
 def test_export_kronecker_run_runs_at_batch_1_7_64(tmp_path):
     run = tmp_path / "run"
     make_run(run)  # the default Kronecker SVHN layers
@@ -160,8 +158,6 @@ def test_compress_resnet18_lowrank_fc_exports_with_dynamic_size(tmp_path, capsys
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="Kronecker layers traced at batch 1 fix the batch until "
-                   "the layers' dynamic-batch fix lands (issue 19)")
 def test_compress_resnet18_kron_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert compress.main(["resnet18", "--param-ratio", "0.1", "--input-size", "32", "--onnx"]) == 0
