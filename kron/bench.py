@@ -12,7 +12,7 @@ it is from the fastest of the Kronecker paths), the measured speedups, the effic
 (speedup / MAC ratio: 1.0 means every saved MAC turned into time), and the peak bytes of one
 forward and of composing W. All candidates of a case run interleaved in one process after
 warm-up (kron.timing; CUDA events on a GPU). Batches are training-sized per device. A benchmark
-prints a table; it asserts nothing. See docs/design.md, "Measuring cost and speed".
+prints a table; it asserts nothing. See docs/design.md, D5.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ in ONNX Runtime (exported once at batch 1 with a dynamic batch, then run at ever
 outputs are checked against eager at each batch within :func:`kron.export.tolerance`, and a
 batch that fails or differs reads "fails"). For each batch every runtime and net runs
 interleaved in one process (:mod:`kron.timing`, median of the rounds). Prints a Markdown
-table; asserts nothing about speed. See docs/design.md, "Measuring cost and speed".
+table; asserts nothing about speed. See docs/design.md, D5.
 """
 
 from __future__ import annotations

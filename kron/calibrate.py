@@ -15,7 +15,7 @@ the median time of a 1x1 matmul in units of ``s`` of the fastest dense case.
 
 The file (JSON, written atomically) is read by ``cost_model.load_calibration(path)``; the
 entrypoints call it when the file exists (:func:`default_path`). ``compose_extra_per_element``
-is not measured and keeps the shipped value. See docs/design.md, "Measuring cost and speed".
+is not measured and keeps the shipped value. See docs/design.md, D5.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the reason instead of stopping the whole run, and every fitted layer reports its
 each layer is the best approximation of its kind and size the fits reach). :func:`save`
 writes the state dict with the exact per-layer spec that rebuilds it (every budget already
 resolved into terms or ranks) and the record of the source net; :func:`load` rebuilds and
-reloads it. See docs/design.md, "Compress and deploy".
+reloads it. See docs/design.md, D2 and D3.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ deep inside torch. The schema is written as dataclasses (the top level, ``measur
 ``scheduler``, ``data`` and ``data.loader``); ``optimizer`` and ``model`` are checked against the
 signature of what they build (the optimizer class named by ``_target_``, the model builder named
 by ``name``), so a new optimizer or model needs no schema edit. ``layers`` is checked by layer
-surgery, which knows its keys. See docs/design.md, "The training recipe".
+surgery, which knows its keys. See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ SLURM variables itself. Three launches are recognised, in this order:
    the environment override both. The group is initialised with ``tcp://addr:port``.
 3. Otherwise a **single process**: no process group.
 
-API (what ``kron/train.py`` calls; see docs/design.md, "Distributed training and installation"):
+API (what ``kron/train.py`` calls; see docs/design.md, D7 and D9):
 
 - ``ctx = init_distributed(device_type)`` -- ``device_type`` is ``"cpu"``, ``"cuda"`` or
   ``"auto"``. On CUDA it calls ``torch.cuda.set_device`` BEFORE ``init_process_group`` and

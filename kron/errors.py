@@ -5,7 +5,7 @@ entrypoints (``kron.train``, ``kron-tables``) catch these, the data errors
 (:class:`kron.data.errors.DatasetError`) and the layers' refusal
 (:class:`kron.layers.errors.FactorizationError`) and print the message as one line on stderr
 with a non-zero exit; ``HYDRA_FULL_ERROR=1`` or ``KRON_DEBUG=1`` shows the traceback instead.
-See docs/design.md, "The training recipe".
+See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations

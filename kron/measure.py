@@ -1,7 +1,7 @@
 """Cost and speed of a model: parameters, MACs, latency, throughput, peak memory.
 
 The one home of these numbers, used by training, surgery, the benchmark and the tables
-(docs/design.md, "Measuring cost and speed"):
+(docs/design.md, D5):
 
 - parameters are counted from the module's parameters (:func:`count_params`);
 - MACs of what actually ran come from the real forward under

@@ -10,7 +10,7 @@ record holds only strings and primitives, so it travels inside a ``weights_only`
   the recipe's own :func:`kron.recipe.model.surgered_model` and its checkpoint loaded.
 
 Errors are one-line :class:`SourceError` messages naming the problem and the fix. See
-docs/design.md, "Compress and deploy".
+docs/design.md, D2 and D3.
 """
 
 from __future__ import annotations

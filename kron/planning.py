@@ -7,7 +7,7 @@ alternating, after warm-up, median), and :func:`apply_plan` pins the winners. Un
 ``torch.distributed`` only rank 0 measures and broadcasts its plan, so that every rank runs
 the same code. The plan is a plain attribute of each layer (``planned_implementation``), never
 part of the state dict: a checkpoint carries weights, not one machine's timings
-(docs/design.md, layers: how auto chooses).
+(docs/design.md, D4).
 """
 
 from __future__ import annotations

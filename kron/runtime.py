@@ -17,7 +17,7 @@ adaptive threshold moves). :func:`configure_allocator` makes it deterministic: l
 from the heap and freed memory is kept for reuse, the same effect as starting Python with
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised. Where jemalloc or tcmalloc is
 preloaded (``LD_PRELOAD``), glibc's settings do not apply and nothing is changed. See
-docs/design.md, "Process set-up".
+docs/design.md, D6.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def configure_allocator() -> str:
     mapped and unmapped on each call. Elsewhere (macOS, Windows, a preloaded jemalloc/tcmalloc)
     it changes nothing and says so. ``KRON_ALLOCATOR=system`` in the environment opts out.
     Called by kron's entrypoints, and by the Kronecker layers before their first CPU inference
-    (their speed there depends on it: docs/design.md, "Process set-up").
+    (their speed there depends on it: docs/design.md, D6).
     """
     global _configured
     if _configured is not None:
@@ -217,7 +217,7 @@ def job_scope(s: JobSettings) -> Iterator[list[str]]:
     these, the RNG states included, is what it was before (the cuBLAS variable stays once CUDA
     is initialised: cuBLAS has read it), so two jobs of a multirun in one process behave like
     two processes. Yields the list of notes (one line each): the thread choice, and what
-    could not be done, e.g. cuBLAS already initialised. See docs/design.md, "Process set-up".
+    could not be done, e.g. cuBLAS already initialised. See docs/design.md, D6.
     """
     before, rngs = _flags(), _rng_states()
     env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")

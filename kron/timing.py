@@ -4,7 +4,7 @@ Every candidate runs once per round and the order rotates from round to round (A
 C A B, ...), so drifts in clock speed or load, and any advantage of running first or right
 after another candidate, hit all candidates alike; callers take the median of the samples.
 
-How one call is timed depends on the device (docs/design.md, "Measuring cost and speed"):
+How one call is timed depends on the device (docs/design.md, D5):
 
 - CPU: ``time.perf_counter`` around the call.
 - CUDA: a pair of CUDA events recorded around the call, on a queue that was drained before it

@@ -16,7 +16,7 @@ several tasks (``batch_size`` is the global batch). Resume: ``resume=true`` (thi
 else the newest earlier run of the same config under the folder of the day folders or the sweep
 folder, that is not running) or ``resume=PATH`` (only a checkpoint of this run, unless
 ``resume_force=true``).
-See docs/design.md, "The training recipe".
+See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the GPU kernels of issue 9 against the dense layers they replace (needs a CUDA GPU).
 
-Rows (docs/design.md, GPU kernels):
+Rows (docs/notes/gpu_kernels.md):
 
 - KronLinear 4096 -> 4096, A (64, 64) x B (64, 64), R = 1 and R = 4, batch 16384: the fused Triton
   kernel (``kron_linear_triton``), the KronLinear layer with ``implementation="triton"`` and

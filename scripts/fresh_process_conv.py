@@ -7,7 +7,7 @@ Issue 10's check that CPU speed does not depend on the allocator's mood: run it 
 fresh processes and compare. Nothing but ``kron.layers`` is imported from kron, and kron.layers
 changes no process-wide setting, so glibc's allocator is left as it is (the speed comes from
 the layer's own buffers: A's matmul writes into a workspace the layer keeps, and B's conv
-produces the output; docs/design.md, layers). ``KRON_ALLOCATOR=system`` changes nothing here;
+produces the output; docs/design.md, section 1). ``KRON_ALLOCATOR=system`` changes nothing here;
 it only matters for kron's entrypoints (kron.train, kron.bench), which opt in to
 ``kron.runtime.configure_allocator``.
 """

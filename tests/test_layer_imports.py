@@ -1,6 +1,6 @@
 """kron.layers is the ground floor: it imports torch, the standard library, itself and
 (lazily) triton, nothing else of kron, and importing or running it changes no process-wide
-state (docs/design.md, layers)."""
+state (docs/design.md, section 1)."""
 
 from __future__ import annotations
 

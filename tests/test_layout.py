@@ -1,5 +1,5 @@
 """The top level keeps the names users look for: ``configs/`` and ``experiments/`` lead to the
-folders the package ships (docs/design.md, layout), so an edit through either path is the same."""
+folders the package ships (docs/design.md, D7), so an edit through either path is the same."""
 
 from __future__ import annotations
 

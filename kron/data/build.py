@@ -184,8 +184,8 @@ def build_loader(dataset: Dataset, loader_cfg: Mapping[str, Any], *, batch_size:
     :func:`set_epoch` before each epoch), per-sample seeded augmentation (:class:`SeededItems`),
     the last partial batch dropped (every rank takes the same number of steps). Evaluation:
     items ``rank, rank + world, ...`` in order, nothing dropped. Worker processes get a base
-    seed distinct per rank (``kron.distributed.seed_for_rank``). See docs/design.md, "The
-    training recipe".
+    seed distinct per rank (``kron.distributed.seed_for_rank``). See docs/design.md, D6
+    and D8.
     """
     from kron.distributed import seed_for_rank
 

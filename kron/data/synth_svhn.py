@@ -7,7 +7,7 @@ seed: one numpy Generator per split, derived from the seed, drives every random 
 
 How hard the crops are is a :class:`Difficulty` (``easy``, the original set on which every
 method lands near 99 %, or ``hard``: more clutter, closer distractor digits, lower contrast,
-stronger blur and noise, scale jitter). See data/README.md and docs/design.md (data formats).
+stronger blur and noise, scale jitter). See data/README.md and docs/design.md, D10.
 """
 
 from __future__ import annotations

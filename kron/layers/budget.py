@@ -3,7 +3,7 @@ the largest setting (rank, or Kronecker term shape) within a parameter / MAC bud
 
 Costs are never re-derived here: a candidate is built on ``device="meta"`` (no memory) and its
 parameters are counted and its ``analytic_macs`` asked, so the layer classes stay the one home
-of their geometry, rank bounds and cost formulas (docs/design.md, layers: the factory).
+of their geometry, rank bounds and cost formulas (docs/design.md, D3).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ is ``1 / efficiency`` with ``efficiency = measured speedup / MAC ratio`` from ``
 ``auto`` runs the cheapest candidate; ties go to the first candidate in order. The rule sees
 only the layer's shapes, the input shape, the device type and whether autograd records, so
 the same model makes the same choice in every run, on every DDP rank, in eager mode, under
-``torch.compile`` and in ``torch.export`` (docs/design.md, layers: how auto chooses).
+``torch.compile`` and in ``torch.export`` (docs/design.md, D4).
 
 Where the constants come from
 -----------------------------

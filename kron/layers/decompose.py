@@ -55,7 +55,7 @@ def kron_compose(
     (:func:`rearrange`); a permutation interleaves the axes. Peak memory: one temporary of W's
     size (the GEMM's output), never an R-fold one. With ``out`` (W's shape), the sum is added to
     ``out`` in place and ``out`` is returned, so that several shape groups accumulate into one
-    buffer (docs/design.md, layers: memory).
+    buffer (docs/notes/cpu_inference_memory.md).
     """
     return kron_compose_blocks(a.unsqueeze(0), b.unsqueeze(0), out)
 

@@ -1,5 +1,5 @@
 """One factory for every factored layer: ``factorize(module, kind, ...)`` (docs/design.md,
-layers: the factory).
+D3).
 
 Surgery, the sweeps, the tables and the compress command build layers only through
 :func:`factorize`. It turns a dense ``nn.Linear`` / ``nn.Conv2d`` and a request (a kind and

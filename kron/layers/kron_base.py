@@ -1,4 +1,4 @@
-"""The parameters and shared machinery of a sum of Kronecker products (docs/design.md, layers).
+"""The parameters and shared machinery of a sum of Kronecker products (docs/design.md, section 1).
 
 The weight is ``W = sum_i A_i (x) B_i`` in ``torch.kron``'s index convention (A's index is the
 slow one). Terms may have different shapes; repeated shapes give Kronecker rank and are stored
@@ -125,7 +125,7 @@ class KroneckerSum(nn.Module):
     def reset_parameters(self) -> None:
         """Gaussian factors scaled so that the composed weight has the variance of PyTorch's
         default init, ``1 / (3 fan_in)``, split evenly over the terms:
-        ``Var(W) = sum_i Var(A_i) Var(B_i)`` (docs/design.md, layers)."""
+        ``Var(W) = sum_i Var(A_i) Var(B_i)`` (docs/design.md, section 1)."""
         std = factor_std(kaiming_std(self.fan_in), n_factors=2, n_terms=len(self.terms))
         with torch.no_grad():
             for p in [*self.a_factors, *self.b_factors]:
@@ -173,7 +173,8 @@ class KroneckerSum(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The composed weight ``sum_i A_i (x) B_i`` in ``nn.Linear`` / ``nn.Conv2d`` layout,
         in the parameters' dtype (also under autocast). Term groups accumulate into one
-        buffer: peak memory beyond W is one W-sized temporary (docs/design.md, memory)."""
+        buffer: peak memory beyond W is one W-sized temporary
+        (docs/notes/cpu_inference_memory.md)."""
         weight = None
         with _autocast_off(self.a_factors[0].device.type):
             for a, b in self.block_pairs():

@@ -1,5 +1,5 @@
-"""Kronecker convolution with a pointwise A as one grouped conv and one 1x1 conv (docs/design.md,
-GPU).
+"""Kronecker convolution with a pointwise A as one grouped conv and one 1x1 conv
+(docs/notes/gpu_kernels.md).
 
 For a shape group whose A factors are 1x1 in space, ``W = sum_r kron(A_r, B_r)`` with
 ``A_r (F1, C1, 1, 1)`` and ``B_r (F2, C2, kh, kw)`` gives, for input channel block ``c1`` (the

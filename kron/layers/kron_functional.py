@@ -1,4 +1,4 @@
-"""The Kronecker layers' forward formulas as plain functions (docs/design.md, layers).
+"""The Kronecker layers' forward formulas as plain functions (docs/design.md, section 1).
 
 Linear: ``y = x W^T`` with ``W = sum_r A_r (x) B_r`` computed as ``vec(A_r X B_r^T)``, two GEMMs
 per shape group. Conv: two convolutions (or a matmul and a convolution) per shape group. Every

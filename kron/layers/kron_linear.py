@@ -1,4 +1,4 @@
-"""KronLinear: ``y = x W^T + b`` with ``W = sum_i A_i (x) B_i`` (docs/design.md, layers)."""
+"""KronLinear: ``y = x W^T + b`` with ``W = sum_i A_i (x) B_i`` (docs/design.md, section 1)."""
 
 from __future__ import annotations
 

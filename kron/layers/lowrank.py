@@ -1,4 +1,4 @@
-"""The low-rank baselines that Kronecker layers are compared with (docs/design.md, low-rank
+"""The low-rank baselines that Kronecker layers are compared with (docs/design.md, section 1
 baselines: the four models, their fits, and the modes they are tested in).
 
 - ``LowRankLinear``: ``W = U V`` (SVD fit).

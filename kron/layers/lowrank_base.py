@@ -1,4 +1,4 @@
-"""The shared base of the low-rank baselines (docs/design.md, low-rank baselines).
+"""The shared base of the low-rank baselines (docs/design.md, section 1).
 
 Contract every low-rank layer keeps (the layer factory and surgery rely on it):
 

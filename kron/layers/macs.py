@@ -1,6 +1,6 @@
 """Multiply-accumulate formulas of the layers: the dense ones and each factored shape group.
 
-The one home of these closed forms (docs/design.md, measuring cost): the layers' own
+The one home of these closed forms (docs/design.md, D5): the layers' own
 ``analytic_macs``, their cost model, :mod:`kron.layers.shapes` and :mod:`kron.measure` call
 them. They count exactly the matmuls and convolutions the forwards run (bias adds and
 elementwise ops not counted), so that tests can hold them equal to ``FlopCounterMode``.

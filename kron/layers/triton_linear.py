@@ -1,4 +1,4 @@
-"""Fused Triton kernel for one shape group of a Kronecker linear layer (docs/design.md, GPU).
+"""Fused Triton kernel for one shape group of a Kronecker linear layer (docs/notes/gpu_kernels.md).
 
 For every sample ``n`` it computes ``Y_n = sum_r A_r X_n B_r^T`` with ``X_n`` the sample's input
 viewed row-major as ``(n1, n2)`` and ``Y_n`` the output viewed as ``(m1, m2)``: that is

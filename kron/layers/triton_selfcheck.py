@@ -25,7 +25,7 @@ in fp32 under the interpreter 1e-7, an exact emulation of bf16 hardware rounding
 4.6e-3. A kernel that drops a term or misreads a stride or mask is off by O(1) relative.
 
 Under ``torch.compile`` tracing nothing is run: an unchecked pair counts as not verified
-(the entrypoints can call ``verified`` before compiling). See docs/design.md, "GPU".
+(the entrypoints can call ``verified`` before compiling). See docs/notes/gpu_kernels.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 directly: a factored replacement of either would never run. :class:`ProjectedMultiheadAttention`
 holds the same weights as two ``nn.Linear`` it calls, ``in_proj`` (E -> 3E, query/key/value
 packed as in ``in_proj_weight``) and ``out_proj``, and computes the same function with the same
-call signature and outputs (docs/design.md, layers: surgery), so each projection can be swapped
+call signature and outputs (docs/design.md, D3), so each projection can be swapped
 like any Linear.
 """
 

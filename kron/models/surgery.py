@@ -12,7 +12,7 @@ Patterns match ``nn.Linear`` / ``nn.Conv2d`` modules (subclasses too) and
 ``kind: dense`` can exclude a layer from a glob). Every layer is built by
 :func:`kron.layers.factorize` (``init``: scratch, dense or fit; see there).
 
-Surgery finishes or changes nothing (docs/design.md, layers: surgery): every matched layer is
+Surgery finishes or changes nothing (docs/design.md, D3): every matched layer is
 planned first (its replacement built, the model untouched), then all are swapped. A layer that
 cannot meet its entry (budget out of reach, groups, a weight read without a call) stays dense
 and its row says why; with ``strict=True`` such a layer refuses the whole surgery, before the

@@ -9,5 +9,5 @@
 - :mod:`.results` -- measurement against the dense twin and ``results.json``.
 - :mod:`.logger` -- the W&B run (its summary carries the same fields as ``results.json``).
 
-See docs/design.md, "The training recipe".
+See docs/design.md, D6 and D8.
 """

@@ -5,7 +5,7 @@ primitive containers, so ``torch.load(weights_only=True)`` reads it: the model a
 state, the grad scaler, the epoch and step, the history, every rank's RNG state, the W&B id and
 the resolved config as YAML with the hash of what must match to resume it (kron/recipe/identity.py).
 A run folder holds ``RUNNING.json`` (host and pid) while its job runs; ``resume=true`` never
-picks a folder whose job is still alive. See docs/design.md, "The training recipe".
+picks a folder whose job is still alive. See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations

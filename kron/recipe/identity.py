@@ -5,8 +5,8 @@ A checkpoint stores its run's resolved config and ``config_hash``, the hash of
 (:func:`kron.tables.run.comparable_config`, reused, not copied: data loading, resume, progress and
 logging aside), less what only says when the run stops, where it runs and what it reports
 (``IGNORED``). The optimizer is part of it. ``resume`` compares the config inside the
-checkpoint with this run's and names the first key that differs. See docs/design.md, "The
-training recipe".
+checkpoint with this run's and names the first key that differs. See docs/design.md, D6
+and D8.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ regularisation gain. Kronecker factors decay by default (``optimizer.decay_kron_
 true``): they are the layer's weights, the dense twin's weights decay too, and L2 on A and B
 bounds ``||A||^2 + ||B||^2 >= 2 ||A (x) B||``, so it regularises each term's norm and keeps the
 scale split between A and B balanced (without it, ``cA (x) B/c`` can drift). Set it false to
-train factors without decay. See docs/design.md, "The training recipe".
+train factors without decay. See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations

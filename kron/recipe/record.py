@@ -5,7 +5,7 @@ folder belongs to a live job; a refused run would then overwrite the live run's 
 configs/train.yaml therefore turns Hydra's record off (``hydra.output_subdir: null``,
 ``hydra/job_logging: none``), and rank 0 writes the same files here once it holds the folder's
 run marker, whatever the launcher (plain, multirun, torchrun, submitit). See docs/design.md,
-"The training recipe".
+D8.
 """
 
 from __future__ import annotations

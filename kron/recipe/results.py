@@ -1,7 +1,7 @@
 """Steps 5-6 of the recipe: measure against the dense twin, and write ``results.json``.
 
 ``results.json`` (rank 0, atomic) is the run's record; the tables read it, and the W&B summary
-carries the same fields. Its schema is in docs/design.md, "The training recipe".
+carries the same fields. Its schema is in docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _speed(cfg: DictConfig, job: Job, model: nn.Module, dense: nn.Module,
            shape: tuple[int, int, int]) -> dict[str, Any]:
     """Latency at ``measure.batch_size`` and (when set) throughput at
     ``measure.throughput_batch_size``, in the job's compute dtype (bf16/fp16 under AMP on CUDA),
-    both against the dense twin, timed as docs/design.md, "Measuring cost and speed" says."""
+    both against the dense twin, timed as docs/design.md, D5 says."""
     m = cfg.measure
     threads = torch.get_num_threads()
     if m.threads:  # e.g. 1 on a busy machine, where spinning OpenMP threads stall

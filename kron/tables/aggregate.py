@@ -1,7 +1,7 @@
 """Seeds into table cells: mean and sample standard deviation per row, Δ error per seed pair.
 
 A table row runs with seeds ``0..N-1`` (results.json stays one run); everything that combines
-runs lives here (docs/design.md, tables). For values ``x_1..x_n`` a cell shows the mean and the
+runs lives here (docs/design.md, D9). For values ``x_1..x_n`` a cell shows the mean and the
 sample standard deviation ``s = sqrt(sum (x_i - mean)^2 / (n - 1))`` (none for n = 1), with n.
 The error change against the reference row is taken per seed pair, ``d_k = err(row, k) -
 err(ref, k)`` over the seeds k both finished, and summarised the same way: it is the spread of

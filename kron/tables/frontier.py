@@ -8,7 +8,7 @@ of its dense self, its shapes or ranks chosen by surgery's budget targets
 low-rank kinds). The points run as one generated table (``<out>/tables/frontier_<name>/``) with
 the dense net as reference; the render adds one error-vs-params and one error-vs-speedup plot
 with a line per family, and a table of the best family at each budget and whether its lead
-exceeds the seeds' spread (docs/design.md, tables).
+exceeds the seeds' spread (docs/design.md, D9).
 
 Swappable layers: every Linear/Conv2d except the input layer (reads the image's channels) and
 the output layer (writes the classes), as in the paper tables; ``--layers`` names others.

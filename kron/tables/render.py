@@ -6,7 +6,7 @@ them. Ratios (parameter and MAC reduction, speedup) are each run's own, against 
 built and timed in the same process by ``kron.train``; the error change is against the table's
 reference row, per seed pair. Rows without results stay in the table, marked, with empty
 numbers. Under a headline table, each claim of the paper's abstract is checked against our rows
-with their spread (docs/design.md, tables).
+with their spread (docs/design.md, D9).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each (row, seed) runs in ``<out>/tables/<table>/runs/<experiment>/seed<k>/`` (Hydra's multirun
 subdir is the experiment's name and the seed), so ``kron-tables run`` and ``render`` agree on
-paths without a manifest. A run is never dropped; its status is one of (docs/design.md, tables):
+paths without a manifest. A run is never dropped; its status is one of (docs/design.md, D9):
 
 - ``ok``: a results.json with every number a table needs;
 - ``incomplete``: stopped before its last epoch (a checkpoint, or a W&B summary, says k/n
