@@ -37,19 +37,10 @@ FORMAT = "kron-compressed/1"
 
 
 @dataclass
-class LayerReport:
-    """One layer the spec matched: what it was, what it became, how well it fits the trained
-    weight (``None`` where not measured), or why it was left dense (``left_dense``)."""
+class LayerReport(SurgeryRow):
+    """The surgery's row of one matched layer, plus ``left_dense``: why it stayed dense
+    (``None`` when it was swapped)."""
 
-    name: str
-    kind: str
-    shape: str
-    detail: str
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    fit_error: float | None = None
     left_dense: str | None = None
 
 
@@ -78,8 +69,7 @@ def resolved_entry(kind: str, module: nn.Module) -> dict[str, Any]:
 
 def _report_row(row: SurgeryRow) -> LayerReport:
     """The surgery's row as a compression report row (``left_dense`` says why it stayed)."""
-    fields = {k: v for k, v in asdict(row).items() if k in LayerReport.__dataclass_fields__}
-    out = LayerReport(**fields)
+    out = LayerReport(**asdict(row))
     if row.status == KEPT:
         out.left_dense = "kind: dense in the spec"
     elif row.status != SWAPPED:
