@@ -26,7 +26,6 @@ from kron.tables.spec import Row, Table
 RESULTS = "results.json"
 CHECKPOINT = "last.pt"  # kron.train's per-epoch checkpoint (CKPT_NAME)
 NEEDED = ("test_acc1", "params", "params_dense", "macs", "macs_dense")
-STATUSES = ("ok", "incomplete", "failed", "missing")
 
 
 def outputs_root() -> Path:
