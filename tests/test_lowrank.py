@@ -728,7 +728,7 @@ def test_grouped_separable_fit_is_optimal_per_group():
         (lambda: SeparableConv2d.max_rank(4, 6, (3, 2), groups=2), min(2 * 3, 3 * 2)),
         (lambda: CPConv2d.max_rank(6, 4, 3), 4 * 6 * 3 * 3 // 6),
         (lambda: CPConv2d.max_rank(8, 16, (3, 1), groups=8), 2 * 1 * 3 * 1 // 3),
-        (lambda: TuckerConv2d.max_rank(4, 6, 3), (6, 4)),  # (output_rank, input_rank)
+        (lambda: TuckerConv2d.max_rank(4, 6, 3), (4, 6)),  # (input_rank, output_rank)
         (lambda: TuckerConv2d.max_rank(4, 6, 3, groups=2).input_rank, 2),
     ],
 )
@@ -826,3 +826,12 @@ def test_modes_with_groups_and_padding_modes(kind):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     bf16_close(out, eager["out"].float(), STAGES[kind])
+
+
+def test_tucker_max_rank_builds_the_full_rank_layer():
+    # max_rank comes in the constructor's order, (input_rank, output_rank), so it feeds
+    # TuckerConv2d directly; C != F makes a swapped order fail
+    top = TuckerConv2d.max_rank(4, 6, 3)
+    conv = torch.nn.Conv2d(4, 6, 3, dtype=torch.float64)
+    layer = TuckerConv2d.from_conv(conv, top)
+    torch.testing.assert_close(layer.dense_weight(), conv.weight, rtol=1e-10, atol=1e-10)

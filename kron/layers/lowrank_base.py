@@ -5,9 +5,8 @@ Contract every low-rank layer keeps (the layer factory and surgery rely on it):
 - ``max_rank(<geometry>)``, a classmethod: the largest rank the constructor accepts, per group.
   ``LowRankLinear.max_rank(in_features, out_features)``;
   ``SeparableConv2d.max_rank(in_channels, out_channels, kernel_size, groups=1)`` and the same
-  for ``CPConv2d``; ``TuckerConv2d.max_rank(...)`` returns a pair ``(r_out, r_in)`` (note: the
-  reverse of the constructor's ``ranks=(input_rank, output_rank)``; a named tuple, so
-  ``.output_rank`` / ``.input_rank`` read it unambiguously).
+  for ``CPConv2d``; ``TuckerConv2d.max_rank(...)`` returns the pair ``(input_rank, output_rank)``
+  in the constructor's order (a named tuple).
 - Construction on ``device='meta'`` works (no data touched), so candidate layers can be counted.
 - ``analytic_macs(input_shape)`` for batched or unbatched input equals the multiply-accumulates
   ``torch.utils.flop_counter.FlopCounterMode`` counts for the forward (bias adds not counted).

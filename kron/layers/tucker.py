@@ -14,10 +14,11 @@ from kron.layers.lowrank_checks import check_rank, svd64
 
 
 class TuckerMaxRank(NamedTuple):
-    """The largest Tucker-2 ranks, ``(output_rank, input_rank)`` (the factory's order)."""
+    """The largest Tucker-2 ranks, ``(input_rank, output_rank)``: the constructor's order, so
+    ``TuckerConv2d(..., TuckerConv2d.max_rank(...))`` builds the full-rank layer."""
 
-    output_rank: int
     input_rank: int
+    output_rank: int
 
 
 class TuckerConv2d(LowRankConv2d):
@@ -66,10 +67,10 @@ class TuckerConv2d(LowRankConv2d):
     @classmethod
     def max_rank(cls, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
                  groups: int = 1) -> TuckerMaxRank:
-        """``(F/g, C/g)`` as ``(output_rank, input_rank)``: note the order is the reverse of
-        the constructor's ``ranks``; read the fields by name."""
+        """``(C/g, F/g)`` as ``(input_rank, output_rank)``, the order of the constructor's
+        ``ranks``."""
         f, c, _, _ = cls.group_shape(in_channels, out_channels, kernel_size, groups)
-        return TuckerMaxRank(output_rank=f, input_rank=c)
+        return TuckerMaxRank(input_rank=c, output_rank=f)
 
     def _rank_repr(self) -> str:
         return f"ranks={self.ranks}"
