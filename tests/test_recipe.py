@@ -226,14 +226,6 @@ def test_evaluate_counts_exactly_and_reads_the_device_once(tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- live runs
-@pytest.fixture
-def live_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 def _marker(folder: Path, pid: int, host: str | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER_NAME).write_text(json.dumps({"host": host or socket.gethostname(),

@@ -33,15 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> list[str]:
-    """Tiny synthetic SVHN and net (as tests/test_train.py), no latency measurement."""
-    root = tmp_path_factory.mktemp("synth_svhn")
-    return [f"data.root={root}", "data.synth.n_train=192", "data.synth.n_test=96",
-            "data.loader.num_workers=0", "model.width=0.125", "batch_size=32",
-            "eval_batch_size=96", "progress=false", "wandb.mode=disabled",
-            "implementation=factored", "scheduler.warmup_steps=2", "threads=1",
-            "measure.enabled=false", "epochs=2"]
+@pytest.fixture(scope="session")
+def tiny(tiny_data) -> list[str]:
+    """The tiny synthetic SVHN and net of tests/conftest.py, no latency measurement."""
+    return [*tiny_data, "measure.enabled=false", "epochs=2"]
 
 
 def cfg_of(overrides: list[str]):
@@ -70,14 +65,6 @@ def digest(folder: Path) -> dict[str, str]:
 def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kron.train", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300, **kw)
-
-
-@pytest.fixture
-def live_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 # ----------------------------------------------------------------------------- refused runs

@@ -30,17 +30,6 @@ RESULT_KEYS = {"test_acc1", "params", "params_dense", "macs", "macs_dense", "lat
                "overrides"}
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> list[str]:
-    """Overrides for a tiny synthetic SVHN (generated once per session) and a tiny net."""
-    root = tmp_path_factory.mktemp("synth_svhn")
-    return [f"data.root={root}", "data.synth.n_train=192", "data.synth.n_test=96",
-            "data.loader.num_workers=0", "model.width=0.125", "batch_size=32",
-            "eval_batch_size=96", "measure.batch_size=4", "measure.warmup=1",
-            "measure.repeats=2", "progress=false", "wandb.mode=disabled",
-            "implementation=factored", "scheduler.warmup_steps=2", "threads=1"]
-
-
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=overrides)
