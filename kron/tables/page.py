@@ -152,29 +152,38 @@ def run_seconds(path: Path) -> float:
 
 
 def advance(section: Section, table: Table, extra: Sequence[str], out: str | Path | None,
-            deadline: float, estimate: float) -> tuple[int, bool]:
+            deadline: float, records: Path) -> tuple[int, bool]:
     """Run the section's missing runs, one row at a time, while the next row's estimated time
-    (``estimate`` seconds a run) still fits before ``deadline``; (exit code, all done)."""
+    (the mean of the records so far, see ``_estimate``) still fits before ``deadline``; each
+    row's records are kept as soon as it finishes, so a stopped invocation loses at most the
+    row it was running. Returns (exit code, all done)."""
     code = 0
     for row in table.rows:
         todo, _ = pending(table, [row], out, False, extra, "local", section.seeds)
         if not todo:
             continue
+        estimate = _estimate(table, records)
         if time.monotonic() + estimate * len(todo) > deadline:
             print(f"{table.name}: {row.id} left for the next invocation "
                   f"({len(todo)} run(s), about {estimate * len(todo) / 60:.0f} min)")
             return code, False
         code = run_table(table, rows=[row.id], out=out, extra=extra,
                          seeds=section.seeds) or code
+        kept = keep(table, records, out, section.seeds)
+        if kept:
+            print(f"{table.name}: {kept} record(s) written under {records / table.name}",
+                  flush=True)
     return code, True
 
 
-def _estimate(table: Table, records: Path, seeds: int, fallback: float) -> float:
+def _estimate(table: Table, records: Path) -> float:
     """Seconds one more run of ``table`` will take: the mean of its recorded runs (+10 % for
-    start-up and evaluation), else ``fallback``."""
-    times = [run_seconds(p) for p in (records / table.name / "runs").rglob(RESULTS)]
-    times = [t for t in times if t > 0]
-    return 1.1 * sum(times) / len(times) if times else fallback
+    start-up and evaluation), else of every run on the page, else 0 (the row starts)."""
+    for folder in (records / table.name / "runs", records):
+        times = [t for t in map(run_seconds, folder.rglob(RESULTS)) if t > 0]
+        if times:
+            return 1.1 * sum(times) / len(times)
+    return 0.0
 
 
 def render_page(page: Page, tables: Sequence[tuple[Section, Table]],
@@ -230,8 +239,7 @@ def build(page: Page, out: str | Path | None = None, hours: float | None = None,
             print(f"{table.name}: {len(todo)} run(s) to do")
             continue
         if complete:
-            c, complete = advance(s, table, extra, out, deadline,
-                                  _estimate(table, records, s.seeds, 0.0))
+            c, complete = advance(s, table, extra, out, deadline, records)
             code = code or c
         kept = keep(table, records, out, s.seeds)
         if kept:
