@@ -21,8 +21,8 @@ from kron.tables.results import RunResult, by_row
 ROW_STATUSES = ("ok", "partial", "incomplete", "failed", "missing")
 #: numbers of results.json (or derived) summarised across seeds
 KEYS = ("test_acc1", "test_err1", "params", "params_dense", "param_reduction", "macs",
-        "macs_dense", "mac_reduction", "macs_executed", "speedup", "latency_ms",
-        "latency_dense_ms", "epochs_done")
+        "macs_dense", "mac_reduction", "macs_executed", "speedup", "throughput_speedup",
+        "latency_ms", "latency_dense_ms", "epochs_done")
 
 
 @dataclass(frozen=True)
