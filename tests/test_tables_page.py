@@ -111,3 +111,25 @@ def test_cli_dry_run_and_bad_pages(tiny, capsys, tmp_path):
                                    "colour": "red"}))
     assert main(["results", str(bad)]) == 2
     assert "unknown key(s) ['colour']" in capsys.readouterr().err
+
+
+def test_a_row_run_for_another_table_of_the_page_is_borrowed_not_rerun(tiny, monkeypatch):
+    """A second table with the same dense row (same config, same overrides) restores dense
+    from the first table's records; its own row without any record is the one left to run."""
+    page, table, out = tiny
+    exps = Path(page.page).parent.parent / "experiments"
+    twin = {**TABLE, "name": "tiny2", "rows": TABLE["rows"][:1] + [
+        {"id": "separable", "experiment": "svhn_table/separable", "label": "Separable",
+         "family": "lowrank"}]}
+    (exps / "tiny2.yaml").write_text(yaml.safe_dump(twin))
+    page = P.Page(page.name, page.title, page.page, page.records,
+                  (*page.sections, P.Section("tiny2", 2)), page.hours, page.machine, page.plan)
+    ran = []
+    monkeypatch.setattr(P, "run_table", lambda t, rows, **k: ran.append((t.name, rows)) or 0)
+    P.build(page, out, hours=1.0)
+    tiny2, _ = P.section_table(page.sections[1], out)
+    for seed in (0, 1):
+        got = run_dir("tiny2", tiny2.row("dense"), out, seed) / RESULTS
+        assert json.loads(got.read_text())["test_acc1"] == 90.0 + seed
+    assert ("tiny2", ["separable"]) in ran and ("tiny2", ["dense"]) not in ran
+

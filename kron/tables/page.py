@@ -115,14 +115,26 @@ def section_table(section: Section, out: str | Path | None) -> tuple[Table, tupl
     return table, ()
 
 
+def _record(records: Path, table: str, experiment: str, seed: int) -> Path | None:
+    """The committed record of a run: the table's own, else the same row config run for
+    another table of the page (a frontier's dense row is the SVHN table's dense row). Whether
+    it still matches what this table asks (overrides, composed config) is ``kron-tables
+    run``'s check, so a borrowed record that differs is rerun."""
+    rel = Path("runs") / experiment / f"seed{seed}" / RESULTS
+    own = records / table / rel
+    if own.is_file():
+        return own
+    return next((p for p in sorted(records.glob(f"*/{rel.as_posix()}")) if p.is_file()), None)
+
+
 def restore(table: Table, records: Path, out: str | Path | None, seeds: int) -> int:
     """Copy committed records back where ``kron-tables run`` finds finished runs; the count."""
     n = 0
     for row in table.rows:
         for s in range(seeds):
-            rec = records / table.name / "runs" / row.experiment / f"seed{s}" / RESULTS
+            rec = _record(records, table.name, row.experiment, s)
             dst = run_dir(table.name, row, out, s) / RESULTS
-            if rec.is_file() and not dst.is_file():
+            if rec is not None and not dst.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(rec, dst)
                 n += 1
