@@ -41,3 +41,17 @@ def test_generated_tables_are_as_pinned(case, tmp_path, capsys):
     assert sorted(got) == sorted(want)
     for path, text in want.items():
         assert got[path] == text, path
+
+
+def test_ids_and_layer_patterns():
+    from kron.tables.frontier import point_id as frontier_id
+    from kron.tables.generated import matching, slug
+    from kron.tables.sweep import point_id as sweep_id
+
+    assert slug("features.conv[345]") == "features_conv_345" and slug("1e-06") == "1e_06"
+    assert sweep_id("classifier.fc1", (32, 64), 1) == "classifier_fc1__32x64"
+    assert sweep_id("layer1.0.conv1", (4, 2, 1, 1), 2) == "layer1_0_conv1__4x2x1x1_r2"
+    assert frontier_id("tucker", "mac_ratio", 1e-6) == "tucker_m1e_06"
+    names = ["a.conv1", "a.conv2", "b.fc", "c.fc"]
+    assert matching(names, ["*.fc", "a.conv2"]) == ["a.conv2", "b.fc", "c.fc"]  # names' order
+    assert matching(names, ["a.conv[1]"]) == ["a.conv1"] and matching(names, ["z*"]) == []

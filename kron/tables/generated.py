@@ -97,8 +97,11 @@ class GeneratedTable:
                           text)
         return f"{self.name}/{row}"
 
-    def write_points(self, points: Sequence[Point], defaults: list) -> list[dict[str, Any]]:
-        """Write one experiment per point, each after ``defaults``; return their table rows."""
+    def write_points(self, points: Sequence[Point],
+                     defaults: list | None = None) -> list[dict[str, Any]]:
+        """Write one experiment per point, each after ``defaults`` (the dense layers unless
+        given); return their table rows."""
+        defaults = DENSE_DEFAULTS if defaults is None else defaults
         rows = []
         for p in points:
             row = {"id": p.id, "experiment": self.write_experiment(p.id, defaults, p.layers,

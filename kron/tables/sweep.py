@@ -21,14 +21,7 @@ from torch import nn
 from kron.config_compose import compose_train
 from kron.layers import Factorization
 from kron.layers.shapes import within_budget  # the one budget filter (also choose_terms')
-from kron.tables.generated import (
-    DENSE_DEFAULTS,
-    GeneratedTable,
-    Point,
-    matching,
-    net_from_config,
-    slug,
-)
+from kron.tables.generated import GeneratedTable, Point, matching, net_from_config, slug
 from kron.tables.spec import Row, Table
 
 
@@ -111,8 +104,7 @@ def write_sweep(name: str, cfg: Any, points: Sequence[SweepPoint], overrides: Se
     base_spec = OmegaConf.to_container(cfg.layers, resolve=True) or {}
     base = Point("base", "dense", "base (as configured)", base_spec,
                  "the configuration as given (reference row)")
-    rows = gen.write_points([base, *(_generated_point(p, base_spec) for p in points)],
-                            DENSE_DEFAULTS)
+    rows = gen.write_points([base, *(_generated_point(p, base_spec) for p in points)])
     passthrough = [o for o in overrides if o.split("=")[0].lstrip("+~") != "layers"]
     return gen.write_table({
         "name": gen.name, "title": f"Shape sweep {name}: {budget}", "reference": "base",
