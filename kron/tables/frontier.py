@@ -160,6 +160,7 @@ def frontier_points(cfg: Any, chosen: dict[str, nn.Module], families: Sequence[s
 
 
 def _check_budgets(budget_key: str, budgets: Sequence[float]) -> None:
+    """A one-line error for a budget kind other than param_ratio/mac_ratio or a budget <= 0."""
     if budget_key not in ("param_ratio", "mac_ratio"):
         raise ValueError(f"budget must be param_ratio or mac_ratio, got {budget_key!r}")
     for b in budgets:
