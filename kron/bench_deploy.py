@@ -36,15 +36,10 @@ NETS = ("dense", "kron")
 def build_pair(overrides: list[str]) -> tuple[dict[str, nn.Module], tuple[int, int, int, int]]:
     """The Kronecker net of the training config with ``overrides`` and its dense twin (fresh
     weights, eval mode), and one input's shape."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kron.paths import CONFIG_DIR
+    from kron.config_compose import compose_train
     from kron.recipe.model import surgered_model
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+    cfg = compose_train(overrides)
     cfg.init_from = None
     shape = (int(cfg.data.in_channels), int(cfg.data.input_size), int(cfg.data.input_size))
     torch.manual_seed(int(cfg.seed))

@@ -49,27 +49,20 @@ def cli_config_error(argv: Sequence[str]) -> str | None:
                  and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if not overrides:
         return None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from kron.config_compose import compose_train
     from kron.config_schema import ConfigError, check_train_config
-    from kron.paths import CONFIG_DIR
 
     try:
         firsts = _first_values(overrides)
         if firsts is None:
             return None
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=firsts)
-        check_train_config(OmegaConf.to_container(cfg, resolve=True))
+        check_train_config(OmegaConf.to_container(compose_train(firsts), resolve=True))
     except ConfigError as err:
         return str(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _hydra_problem(err, overrides)
-    finally:
-        GlobalHydra.instance().clear()
     return None

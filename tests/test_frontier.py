@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.models.surgery import apply_surgery
-from kron.paths import CONFIG_DIR
 from kron.tables import render as R
 from kron.tables.aggregate import Stat
 from kron.tables.cli import find_table, main
 from kron.tables.frontier import (
     FAMILY_KINDS,
+    base_config,
     base_overrides,
     best_per_budget,
     family_spec,
@@ -25,7 +25,6 @@ from kron.tables.frontier import (
     swappable,
     write_frontier,
 )
-from kron.tables.frontier import compose as compose_base
 from kron.tables.results import collect
 
 SMALL = ["model.width=0.25"]
@@ -34,7 +33,7 @@ SMALL = ["model.width=0.25"]
 def test_families_replace_every_swappable_layer_at_the_budget(tmp_path):
     name, over, exp = base_overrides("svhn", SMALL)
     assert (name, exp) == ("svhn", "svhn_table/dense")
-    cfg = compose_base(over, exp)
+    cfg = base_config(over, exp)
     layers = swappable(cfg)
     assert list(layers) == ["features.conv2", "features.conv3", "features.conv4",
                             "features.conv5", "classifier.fc1", "classifier.fc2"]
@@ -72,9 +71,7 @@ def test_write_frontier_configs_compose(tmp_path):
     assert "param_ratio" in skipped[0]  # the surgery's own reason
     assert table.seeds == 2 and table.reference == "dense" and not table.headline
     assert table.row("kron_p0_2").budget == 0.2 and table.row("dense").budget is None
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={table.row('cp_p0_2').experiment}",
-                                          *table.overrides])
+    cfg = compose_train([f"experiment={table.row('cp_p0_2').experiment}", *table.overrides])
     spec = OmegaConf.to_container(cfg.layers, resolve=True)
     assert spec["features.conv3"] == {"kind": "cp", "param_ratio": 0.2}
     assert spec["classifier.fc1"] == {"kind": "lowrank", "param_ratio": 0.2}

@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from kron import measure
+from kron.config_compose import compose_train
 from kron.layers import KronConv2d, KronLinear
-from kron.paths import CONFIG_DIR
 from kron.tables import render as R
 from kron.tables.aggregate import ROW_STATUSES, Stat, separated
 from kron.tables.cli import main
@@ -24,8 +23,6 @@ from kron.tables.results import RunResult, asked_seeds, collect, collect_wandb, 
 from kron.tables.run import check_overrides, grids, multirun_command, pending, run_table, set_aside
 from kron.tables.spec import Row, load_table, table_from_dict
 from kron.tables.sweep import compose_base, enumerate_points, within_budget, write_sweep
-
-CONFIGS = CONFIG_DIR
 
 DECL = {
     "name": "toy",
@@ -560,9 +557,7 @@ def test_sweep_writes_runnable_experiments(tmp_path):
     assert table.rows[0].id == "base" and len(table.rows) == len(points) + 1
     assert not any(o.startswith("layers=") for o in table.overrides)
     p = points[0]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        got = compose("train", overrides=[f"experiment={table.row(p.id).experiment}",
-                                          *table.overrides])
+    got = compose_train([f"experiment={table.row(p.id).experiment}", *table.overrides])
     spec = dict(got.layers)
     assert list(spec)[-1] == "classifier.fc2"  # last: wins over any glob of the base spec
     assert [list(t) for t in spec["classifier.fc2"]["terms"]] == [list(p.shape.a_shape)]

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kron.models import build_model_from_config
+from kron.config_compose import compose_train
 from kron.models.surgery import apply_surgery
 from kron.paths import CONFIG_DIR
+from kron.tables.generated import net_from_config
 from kron.tables.spec import list_tables, load_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,7 @@ PAPER_TABLES = {"svhn", "scenetext", "imagenet", "hwdb"}
 def compose_row(table: str, row: str, extra: list[str] = ()):
     t = TABLES[table]
     over = [f"experiment={t.row(row).experiment}", *t.overrides, *t.smoke, *extra]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=over), over
+    return compose_train(over), over
 
 
 def fitted(cfg) -> bool:
@@ -69,9 +68,8 @@ def test_row_composes_and_its_layers_fit(table, row):
     assert (t.row(row).family == "dense") == (not spec)
     if fitted(cfg):
         return  # fitted from dense weights: exercised by the slow test below
-    size, ch = int(cfg.data.input_size), int(cfg.data.in_channels)
-    net = build_model_from_config(cfg.model, int(cfg.data.num_classes), ch, size)
-    rows = apply_surgery(net, spec, (1, ch, size, size))
+    net, input_shape = net_from_config(cfg)
+    rows = apply_surgery(net, spec, input_shape)
     assert len(rows) == len({r.name for r in rows}) and (not spec) == (not rows)
 
 

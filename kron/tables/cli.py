@@ -166,16 +166,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate synthetic SVHN, run the small SVHN table, render it, say where things are."""
-    from hydra import compose, initialize_config_dir
-
+    from kron.config_compose import compose_train
     from kron.data.synthetic import ensure_synth_svhn
-    from kron.tables.sweep import CONFIGS
 
     t0 = time.perf_counter()
     table = load_table(DEMO_TABLE)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={table.rows[0].experiment}",
-                                          *table.overrides])
+    cfg = compose_train([f"experiment={table.rows[0].experiment}", *table.overrides])
     print(f"[demo] synthetic SVHN in {cfg.data.root} (rendered on first use)", flush=True)
     ensure_synth_svhn(cfg.data.root, **cfg.data.synth)
     seeds = args.seeds or table.seeds
@@ -205,12 +201,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     return build(load_page(args.page), args.out, args.hours, args.dry_run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kron-tables", description=__doc__.split("\n")[0])
+def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options every command with outputs takes (--out), and those of the commands that
+    train runs (--redo, --launcher, --dry-run)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default=None,
                         help="outputs root (default $KRON_OUTPUTS or outputs)")
-    launching = argparse.ArgumentParser(add_help=False)  # the commands that train runs
+    launching = argparse.ArgumentParser(add_help=False)
     launching.add_argument("--redo", action="store_true",
                            help="rerun what already has results.json")
     launching.add_argument("--launcher", default="local",
@@ -218,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "slurm_cpu, submitit_local")
     launching.add_argument("--dry-run", action="store_true",
                            help="print the command, run nothing")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="the declared tables").set_defaults(fn=cmd_list)
+    return common, launching
 
+
+def _add_run_render(sub, common, launching) -> None:
     r = sub.add_parser("run", parents=[common, launching],
                        help="launch a table's runs (a Hydra multirun)")
     r.add_argument("table")
@@ -240,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     d.set_defaults(fn=cmd_render)
 
+
+def _add_generators(sub, common, launching) -> None:
     s = sub.add_parser("sweep", parents=[common, launching],
                        help="train every Kronecker shape of layers within a budget")
     s.add_argument("name")
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     f.set_defaults(fn=cmd_frontier)
 
+
+def _add_demo_results(sub, common) -> None:
     m = sub.add_parser("demo", parents=[common],
                        help="make demo: the small SVHN table on synthetic data")
     m.add_argument("--redo", action="store_true")
@@ -280,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hours", type=float, help="time budget (default: the page's)")
     g.add_argument("--dry-run", action="store_true", help="say what is missing, run nothing")
     g.set_defaults(fn=cmd_results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kron-tables`` command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="kron-tables", description=__doc__.split("\n")[0])
+    common, launching = _parents()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the declared tables").set_defaults(fn=cmd_list)
+    _add_run_render(sub, common, launching)
+    _add_generators(sub, common, launching)
+    _add_demo_results(sub, common)
     return p
 
 

@@ -71,16 +71,12 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
 def composed_config(overrides: Sequence[str]) -> dict | None:
     """The resolved training config these overrides compose to, or None if they do not
     compose here (e.g. a table whose experiment files live elsewhere)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
+    from kron.config_compose import compose_train
+
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return OmegaConf.to_container(compose("train", overrides=list(overrides)),
-                                          resolve=True)
+        return OmegaConf.to_container(compose_train(overrides), resolve=True)
     except Exception:  # noqa: BLE001 - any composition error: fall back to the overrides
         return None
 
