@@ -217,3 +217,14 @@ def test_epoch_sampler_and_seeded_items_directly():
     items = SeededItems(Crops(), seed=0)
     assert torch.equal(items[(3, 5)][0], items[(3, 5)][0])
     assert items[(3, 5)][0][0] == 5 and len(items) == 40
+
+
+def test_absent_or_null_transform_ops_are_off():
+    x = torch.arange(3 * 6 * 6, dtype=torch.uint8).view(3, 6, 6)
+    base = {"mean": [0.0] * 3, "std": [1.0] * 3, "test": {}}
+    off = {**base, "test": {"resize": None, "center_crop": None, "random_crop": None,
+                            "hflip": False}, "grayscale": None}
+    assert torch.equal(build_transform(off, train=False)(x), build_transform(base, train=False)(x))
+    # scale = one float32 rounding (by 1/255 or /255): within 1 ulp of x / 255
+    assert torch.allclose(build_transform(base, train=False)(x), x.float() / 255, rtol=2.4e-7,
+                          atol=0)
