@@ -3,6 +3,7 @@ values): every key the configs set is required, and allowed values follow the re
 
 from __future__ import annotations
 
+import copy
 import typing
 
 import pytest
@@ -34,9 +35,14 @@ def test_schedules_are_the_scheduler_configs():
     assert names == set(SCHEDULES)
 
 
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return composed([])
+
+
 @pytest.mark.parametrize("key", sorted(schema_keys(TrainConfig)))
-def test_every_top_level_key_is_required(key):
-    cfg = composed([])
+def test_every_top_level_key_is_required(default, key):
+    cfg = copy.deepcopy(default)
     del cfg[key]
     with pytest.raises(ConfigError, match=rf"^{key}: missing required key$"):
         check_train_config(cfg)
