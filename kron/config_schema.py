@@ -1,23 +1,30 @@
 """The training config's schema: every key ``kron.train`` reads, with its type, checked at start.
 
-A wrong type or an unknown key is one :class:`ConfigError` whose message names the key and what
-was expected, e.g. ``optimizer.lr: expected a float, got 'abc'``, instead of a traceback from
-deep inside torch. The schema is written as dataclasses (the top level, ``measure``, ``wandb``,
-``scheduler``, ``data`` and ``data.loader``); ``optimizer`` and ``model`` are checked against the
-signature of what they build (the optimizer class named by ``_target_``, the model builder named
-by ``name``), so a new optimizer or model needs no schema edit. ``layers`` is checked by layer
-surgery, which knows its keys. See docs/design.md, D6 and D8.
+A wrong type, an unknown key or a missing key is one :class:`ConfigError` whose message names the
+key and what was expected, e.g. ``optimizer.lr: expected a float, got 'abc'``, instead of a
+traceback from deep inside torch.
+
+One source of values (docs/design.md, section 4): the YAML files under ``configs/`` are the only
+place a value is written. The schema says types (``TypedDict`` classes), bounds (:class:`Min`)
+and allowed values, and never a default: every key is required unless marked ``NotRequired``,
+which means "may be absent" (e.g. ``wandb.entity`` under ``logger=none``), not "has a default".
+Allowed values come from the registries the code has, not from copied lists (:class:`OneOf`
+and :class:`Tagged` take a function that asks the registry): dataset names and each dataset's
+own keys from :mod:`kron.data.registry`, model names from :data:`kron.models.MODELS`, layer
+kinds from :data:`kron.layers.factory.KINDS`, Kronecker implementations from
+``KronLinear.implementations``. ``optimizer`` and ``model`` are checked against the signature of
+what they build (:func:`check_kwargs`), so a new optimizer or model needs no schema edit;
+``layers`` is checked in full by layer surgery, which knows its keys (the schema checks kinds).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NotRequired, TypedDict, Union
 
 from kron.errors import ConfigError
 
@@ -25,121 +32,193 @@ OPTIMIZER_META = ("_target_", "decay_kron_factors")  # keys of `optimizer` that 
 MODEL_SIZE_ARGS = ("num_classes", "in_channels", "input_size")  # filled from the data config
 
 
-__all__ = ["ConfigError", "check_against", "check_kwargs", "check_train_config"]
+__all__ = ["ConfigError", "DataConfig", "KwargsOf", "Min", "OneOf", "Tagged", "check_against",
+           "check_data_config", "check_kwargs", "check_train_config"]
 
 
-@dataclass
-class MeasureConfig:
-    """Latency of the trained net against its dense twin, measured after training."""
+# ----------------------------------------------------------------------------- markers
+@dataclass(frozen=True)
+class Min:
+    """Bound: the value (when not null) is ``>= low``."""
 
-    enabled: bool = True
-    batch_size: int = field(default=64, metadata={"min": 1})
-    warmup: int = field(default=5, metadata={"min": 0})
-    repeats: int = field(default=20, metadata={"min": 1})
-    threads: int | None = None
-    throughput_batch_size: int | None = field(default=None, metadata={"min": 1})
+    low: float
 
 
-@dataclass
-class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "kron"
-    entity: str | None = None
-    group: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class OneOf:
+    """Allowed values: ``names()`` (a registry's keys, asked at check time)."""
+
+    names: Callable[[], typing.Iterable[Any]]
 
 
-@dataclass
-class SchedulerConfig:
-    """Per-step learning rate: linear warm-up, then ``name``'s decay (kron/recipe/optim.py)."""
+@dataclass(frozen=True)
+class Tagged:
+    """A mapping whose keys depend on its contents: ``schema(values, key)`` returns the
+    ``TypedDict`` to check it against (e.g. a dataset's keys, chosen by ``name``), raising
+    :class:`ConfigError` for a value no registry knows."""
 
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine: the floor, as a fraction of lr
-    milestones: list[float] = field(default_factory=list)  # step: fractions of the total steps
-    gamma: float = 0.1  # step: factor at each milestone
+    schema: Callable[[Mapping[str, Any], str], type]
 
 
-@dataclass
-class LoaderConfig:
+@dataclass(frozen=True)
+class KwargsOf:
+    """A mapping of keyword arguments of ``fn`` (less ``skip``): names and the types their
+    defaults imply (:func:`check_kwargs`)."""
+
+    fn: Callable[..., Any]
+    skip: tuple[str, ...] = ()  # allowed, not checked (e.g. ``_target_``)
+    exclude: tuple[str, ...] = ()  # arguments the caller fills from other keys: refused here
+
+
+# ----------------------------------------------------------------------------- the schema
+def _dataset_names() -> list[str]:
+    from kron.data.registry import dataset_names
+
+    return dataset_names()
+
+
+def _dataset_schema(values: Mapping[str, Any], key: str) -> type:
+    from kron.data.registry import dataset_config
+
+    return dataset_config(values, key)
+
+
+class LoaderConfig(TypedDict):
     """DataLoader options; every one reaches the loader (kron/data/build.py: build_loader)."""
 
-    num_workers: int = field(default=2, metadata={"min": 0})
-    pin_memory: bool | Literal["auto"] = "auto"
-    persistent_workers: bool = True
+    num_workers: Annotated[int, Min(0)]
+    pin_memory: bool | Literal["auto"]
+    persistent_workers: bool
 
 
-@dataclass
-class SynthConfig:
-    n_train: int = 6000
-    n_test: int = 2000
-    seed: int = 0
-    difficulty: Literal["easy", "hard"] = "easy"
+class TransformStage(TypedDict):
+    """One stage's ops (kron/data/transforms.py); an absent (or null) op is not applied."""
+
+    resize: NotRequired[int | list[int] | None]
+    random_resized_crop: NotRequired[int | list[int] | None]
+    center_crop: NotRequired[int | list[int] | None]
+    random_crop: NotRequired[int | list[int] | None]
+    padding: NotRequired[int | list[int] | None]
+    fill: NotRequired[int | float]
+    hflip: NotRequired[bool]
 
 
-@dataclass
-class DataConfig:
-    """One dataset; the keys after ``transforms`` belong to some datasets only."""
+class TransformsConfig(TypedDict):
+    mean: list[float]
+    std: list[float]
+    train: TransformStage
+    test: TransformStage
+    grayscale: NotRequired[bool]
 
-    name: Literal["svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet"]
-    num_classes: int
-    in_channels: int
-    input_size: int
-    transforms: dict[str, Any]
+
+class DataConfig(TypedDict):
+    """The keys of every dataset; a dataset's own keys (``root``, ``synth``, ...) are declared by
+    a subclass registered with it (:func:`kron.data.registry.register_dataset`)."""
+
+    name: Annotated[str, OneOf(_dataset_names)]
+    num_classes: Annotated[int, Min(1)]
+    in_channels: Annotated[int, Min(1)]
+    input_size: Annotated[int, Min(1)]
+    transforms: TransformsConfig
     loader: LoaderConfig
-    root: str | None = None
-    path: str | None = None
-    train_split: str | None = None
-    test_split: str | None = None
-    train_subdir: str | None = None
-    test_subdir: str | None = None
-    verify_md5: bool | None = None
-    case_sensitive: bool | None = None
-    test_fraction: float | None = None
-    split_seed: int | None = None
-    synth: SynthConfig | None = None
+    module: NotRequired[str]  # a module to import that registers `name` (a dataset outside kron)
 
 
-@dataclass
-class TrainConfig:
+class MeasureConfig(TypedDict):
+    """Latency of the trained net against its dense twin, measured after training."""
+
+    enabled: bool
+    batch_size: Annotated[int, Min(1)]
+    warmup: Annotated[int, Min(0)]
+    repeats: Annotated[int, Min(1)]
+    threads: int | None
+    throughput_batch_size: Annotated[int | None, Min(1)]
+
+
+class WandbConfig(TypedDict):
+    """``configs/logger/*.yaml``; ``logger=none`` sets only ``mode`` and ``project``."""
+
+    mode: Literal["online", "offline", "disabled"]
+    project: str
+    entity: NotRequired[str | None]
+    group: NotRequired[str | None]
+    name: NotRequired[str | None]
+    tags: NotRequired[list[str]]
+
+
+class _Schedule(TypedDict):
+    name: str
+    warmup_steps: Annotated[int, Min(0)]
+
+
+class CosineSchedule(_Schedule):
+    min_lr_ratio: Annotated[float, Min(0)]  # the floor, as a fraction of lr
+
+
+class StepSchedule(_Schedule):
+    milestones: list[float]  # fractions of the total steps
+    gamma: float  # factor at each milestone
+
+
+#: per-step learning-rate schedules (kron/recipe/optim.py: lr_at), each with its own keys
+SCHEDULES: dict[str, type] = {"cosine": CosineSchedule, "step": StepSchedule,
+                              "constant": _Schedule}
+
+
+def _schedule_schema(values: Mapping[str, Any], key: str) -> type:
+    _check_value(f"{key}.name", _required(values, "name", key),
+                 Annotated[str, OneOf(lambda: SCHEDULES)])
+    return SCHEDULES[values["name"]]
+
+
+def _implementations() -> tuple[str, ...]:
+    from kron.layers import KronLinear
+
+    return KronLinear.implementations  # the widest set: KronConv2d's lacks triton
+
+
+class TrainConfig(TypedDict):
     """The top level of configs/train.yaml (comments there say what each key does)."""
 
-    data: DataConfig
+    data: Annotated[DataConfig, Tagged(_dataset_schema)]
     model: dict[str, Any]
     layers: dict[str, Any]
     optimizer: dict[str, Any]
-    scheduler: SchedulerConfig
+    scheduler: Annotated[_Schedule, Tagged(_schedule_schema)]
     measure: MeasureConfig
     wandb: WandbConfig
-    epochs: int = field(default=4, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    seed: int = 0
-    resume: bool | str = False
-    resume_force: bool = False
-    init_from: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    amp: bool = True
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    channels_last: bool | Literal["auto"] = "auto"
-    layers_strict: bool = True
-    implementation: str | None = None  # one of KronLinear.implementations
-    plan_layers: bool = False
-    compile: bool = False
-    sync_bn: bool = True
-    grad_clip: float = field(default=0.0, metadata={"min": 0})
-    eval_every: int = field(default=1, metadata={"min": 1})
-    eval_batch_size: int | None = field(default=None, metadata={"min": 1})
-    log_every: int = field(default=10, metadata={"min": 1})
-    progress: bool = True
-    threads: int | None = None
-    stop_after_epochs: int | None = field(default=None, metadata={"min": 1})
+    epochs: Annotated[int, Min(1)]
+    batch_size: Annotated[int, Min(1)]
+    seed: int
+    resume: bool | str
+    resume_force: bool
+    init_from: str | None
+    device: Literal["auto", "cpu", "cuda"]
+    deterministic: bool
+    amp: bool
+    amp_dtype: Literal["bfloat16", "float16"]
+    channels_last: bool | Literal["auto"]
+    layers_strict: bool
+    implementation: Annotated[str | None, OneOf(_implementations)]
+    plan_layers: bool
+    compile: bool
+    sync_bn: bool
+    grad_clip: Annotated[float, Min(0)]
+    eval_every: Annotated[int, Min(1)]
+    eval_batch_size: Annotated[int | None, Min(1)]
+    log_every: Annotated[int, Min(1)]
+    progress: bool
+    threads: int | None
+    stop_after_epochs: Annotated[int | None, Min(1)]
 
 
 # ----------------------------------------------------------------------------- the checker
 _NAMES = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string",
           list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _is_schema(tp: Any) -> bool:
+    return typing.is_typeddict(tp)
 
 
 def _describe(tp: Any) -> str:
@@ -151,13 +230,13 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is not None:
         return _NAMES.get(origin, str(tp))
-    if dataclasses.is_dataclass(tp):
+    if _is_schema(tp):
         return "a mapping"
     return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _fits(value: Any, tp: Any) -> bool:
-    """Whether ``value`` (plain, as OmegaConf resolves it) has type ``tp``; nested dataclasses
+    """Whether ``value`` (plain, as OmegaConf resolves it) has type ``tp``; nested schemas
     and containers are only checked at this level (their contents are walked separately)."""
     if tp is Any:
         return True
@@ -168,7 +247,7 @@ def _fits(value: Any, tp: Any) -> bool:
         return any(_fits(value, a) for a in typing.get_args(tp))
     if origin is not None:
         tp = origin
-    if dataclasses.is_dataclass(tp):
+    if _is_schema(tp) or tp is dict:
         return isinstance(value, Mapping)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -178,43 +257,86 @@ def _fits(value: Any, tp: Any) -> bool:
         return value is None
     if tp is list:
         return isinstance(value, (list, tuple))
-    if tp is dict:
-        return isinstance(value, Mapping)
     return isinstance(value, tp)
 
 
+def _check_marker(key: str, value: Any, tp: Any, marker: Any) -> type | None:
+    """Apply one ``Annotated`` marker; a :class:`Tagged` one returns the schema it chose."""
+    if value is None:
+        return None
+    if isinstance(marker, Min) and value < marker.low:
+        raise ConfigError(f"{key}: expected a value >= {marker.low:g}, got {value!r}")
+    if isinstance(marker, OneOf):
+        if value not in list(marker.names()):
+            raise ConfigError(f"{key}: expected {_describe_annotated(tp, [marker])}, got "
+                              f"{value!r}")
+    if isinstance(marker, KwargsOf):
+        check_kwargs(value, marker.fn, key, skip=marker.skip, exclude=marker.exclude)
+    if isinstance(marker, Tagged):
+        return marker.schema(value, key)
+    return None
+
+
 def _check_value(key: str, value: Any, tp: Any) -> None:
+    chosen = None
+    if typing.get_origin(tp) is Annotated:
+        tp, *markers = typing.get_args(tp)
+        if not _fits(value, tp):
+            raise ConfigError(f"{key}: expected {_describe_annotated(tp, markers)}, got {value!r}")
+        for marker in markers:
+            chosen = _check_marker(key, value, tp, marker) or chosen
     if not _fits(value, tp):
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):  # walk into the member that fits
         tp = next(a for a in typing.get_args(tp) if _fits(value, a))
         origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        check_against(value, tp, key)
+    if chosen is not None or _is_schema(tp):
+        check_against(value, chosen or tp, key)
     elif origin is list and typing.get_args(tp):
         (item,) = typing.get_args(tp)
         for i, v in enumerate(value):
             _check_value(f"{key}[{i}]", v, item)
 
 
+def _describe_annotated(tp: Any, markers: list[Any]) -> str:
+    """``one of 'a', 'b' or null`` for a :class:`OneOf` string, else the type's description."""
+    one_of = next((m for m in markers if isinstance(m, OneOf)), None)
+    if one_of is None:
+        return _describe(tp)
+    text = "one of " + ", ".join(map(repr, one_of.names()))
+    return text + " or null" if _fits(None, tp) else text
+
+
+def _required(values: Mapping[str, Any], name: str, prefix: str) -> Any:
+    if name not in values:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: missing required key")
+    return values[name]
+
+
+def schema_keys(schema: type) -> dict[str, tuple[Any, bool]]:
+    """``{key: (type, required)}`` of a ``TypedDict`` schema, base classes' keys included."""
+    hints = typing.get_type_hints(schema, include_extras=True)
+    out = {}
+    for name, tp in hints.items():
+        optional = typing.get_origin(tp) is NotRequired
+        out[name] = (typing.get_args(tp)[0] if optional else tp, not optional)
+    return out
+
+
 def check_against(values: Mapping[str, Any], schema: type, prefix: str = "") -> None:
-    """Check a plain mapping against dataclass ``schema``: unknown keys, missing required keys
-    and wrong types each raise one :class:`ConfigError` naming the full key."""
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    """Check a plain mapping against ``TypedDict`` ``schema``: unknown keys, missing required
+    keys, wrong types, out-of-bound and disallowed values each raise one :class:`ConfigError`
+    naming the full key."""
+    keys = schema_keys(schema)
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ConfigError(f"{full}: unknown key; known keys here: {', '.join(fields)}")
-        _check_value(full, value, hints[key])
-        low = fields[key].metadata.get("min")
-        if low is not None and value is not None and value < low:
-            raise ConfigError(f"{full}: expected a value >= {low}, got {value!r}")
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in values:
-            raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: missing required key")
+        if key not in keys:
+            raise ConfigError(f"{full}: unknown key; known keys here: {', '.join(keys)}")
+        _check_value(full, value, keys[key][0])
+    for name, (_, required) in keys.items():
+        if required:
+            _required(values, name, prefix)
 
 
 def _default_type(default: Any) -> Any:
@@ -230,23 +352,30 @@ def _default_type(default: Any) -> Any:
     return Any
 
 
-def check_kwargs(values: Mapping[str, Any], fn: Any, prefix: str, skip: tuple[str, ...] = ()
-                 ) -> None:
-    """Check keyword arguments against ``fn``'s signature: names it takes, types its defaults
-    imply (a float default wants a number, a bool default a bool)."""
+def check_kwargs(values: Mapping[str, Any], fn: Any, prefix: str, skip: tuple[str, ...] = (),
+                 exclude: tuple[str, ...] = ()) -> None:
+    """Check keyword arguments against ``fn``'s signature: names it takes (less ``exclude``,
+    which the caller fills), types its defaults imply (a float default wants a number, a bool
+    default a bool); keys in ``skip`` are not arguments and not checked."""
     params = {n: p for n, p in inspect.signature(fn).parameters.items()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     owner = getattr(fn, "__qualname__", str(fn))
     for key, value in values.items():
         if key in skip:
             continue
-        if key not in params or key in MODEL_SIZE_ARGS:
-            known = [n for n in params if n not in ("params", "self", *MODEL_SIZE_ARGS)]
+        if key not in params or key in (*MODEL_SIZE_ARGS, *exclude):
+            known = [n for n in params if n not in ("params", "self", *MODEL_SIZE_ARGS, *exclude)]
             raise ConfigError(f"{prefix}.{key}: not an argument of {owner}; it takes "
                               f"{', '.join(known)}")
         default = params[key].default
         if default is not inspect.Parameter.empty and value is not None:
             _check_value(f"{prefix}.{key}", value, _default_type(default))
+
+
+def check_data_config(values: Mapping[str, Any], prefix: str = "data") -> None:
+    """Check a plain data config (``configs/data/*.yaml``, resolved) against the keys common
+    to every dataset and those its dataset registered (:mod:`kron.data.registry`)."""
+    _check_value(prefix, values, Annotated[DataConfig, Tagged(_dataset_schema)])
 
 
 def check_train_config(cfg: Mapping[str, Any]) -> None:
@@ -258,32 +387,33 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
 
     check_against(cfg, TrainConfig)
     opt = cfg["optimizer"]
-    target = opt.get("_target_")
+    target = _required(opt, "_target_", "optimizer")
     if not isinstance(target, str):
         raise ConfigError("optimizer._target_: expected a class path such as torch.optim.SGD")
     try:
         cls = hydra.utils.get_class(target)
     except Exception as err:  # hydra raises ImportError or ValueError depending on the path
         raise ConfigError(f"optimizer._target_: cannot import {target!r} ({err})") from None
-    _check_value("optimizer.decay_kron_factors", opt.get("decay_kron_factors", False), bool)
+    _check_value("optimizer.decay_kron_factors",
+                 _required(opt, "decay_kron_factors", "optimizer"), bool)
     check_kwargs(opt, cls.__init__, "optimizer", skip=OPTIMIZER_META)
     model = cfg["model"]
-    if model.get("name") not in MODELS:
-        raise ConfigError(f"model.name: expected one of {', '.join(MODELS)}, got "
-                          f"{model.get('name')!r}")
+    _check_value("model.name", _required(model, "name", "model"),
+                 Annotated[str, OneOf(lambda: MODELS)])
     check_kwargs(model, MODELS[model["name"]], "model", skip=("name",))
     _check_positive(cfg)
-    _check_implementation(cfg.get("implementation"))
+    _check_layer_kinds(cfg["layers"])
 
 
-def _check_implementation(value: Any) -> None:
-    from kron.layers import KronLinear
+def _check_layer_kinds(layers: Mapping[str, Any]) -> None:
+    """Each ``layers`` entry's ``kind`` is a kind the layer factory builds (surgery checks the
+    rest of the entry against the model)."""
+    from kron.layers.factory import KINDS
 
-    IMPLEMENTATIONS = KronLinear.implementations  # the widest set: KronConv2d's lacks triton
-
-    if value is not None and value not in IMPLEMENTATIONS:
-        raise ConfigError(f"implementation: expected one of {', '.join(map(repr, IMPLEMENTATIONS))}"
-                          f" or null, got {value!r}")
+    for pattern, entry in layers.items():
+        if isinstance(entry, Mapping) and "kind" in entry:
+            _check_value(f"layers.{pattern}.kind", entry["kind"],
+                         Annotated[str, OneOf(lambda: KINDS)])
 
 
 #: numbers that must be > 0 (where present); ``optimizer.lr`` may be 0 (frozen weights, used
@@ -295,7 +425,9 @@ NON_NEGATIVE = ("optimizer.lr",)
 def _check_positive(cfg: Mapping[str, Any]) -> None:
     for key in (*POSITIVE, *NON_NEGATIVE):
         group, name = key.split(".")
-        value = cfg.get(group, {}).get(name)
+        if name not in cfg[group]:
+            continue
+        value = cfg[group][name]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if key in POSITIVE and value <= 0:

@@ -7,8 +7,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kron.config_schema import DataConfig, check_against
-from kron.data import DatasetError, build_datasets, build_loader, build_transform, set_epoch
+from kron.config_schema import ConfigError, check_data_config
+from kron.data import (
+    DatasetError,
+    build_datasets,
+    build_loader,
+    build_transform,
+    dataset_names,
+    set_epoch,
+)
 from kron.data.build import EpochSampler, SeededItems
 from kron.data.hwdb import convert
 from kron.data.synthetic import (
@@ -24,7 +31,9 @@ from kron.recipe.data import build_data
 from kron.recipe.setup import Job
 
 CONFIGS = CONFIG_DIR / "data"
-NAMES = ["svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet"]
+OPTIONS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+#: every loader option (the schema requires each), as the data YAML files set them on a CPU
+LOADER = {"num_workers": 0, "pin_memory": "auto", "persistent_workers": False}
 
 
 def _cfg(name, **overrides):
@@ -32,13 +41,17 @@ def _cfg(name, **overrides):
         return compose(config_name=name, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_config_matches_the_schema(name):
-    cfg = _cfg(name)
-    assert cfg.name == name
-    check_against(OmegaConf.to_container(cfg, resolve=True), DataConfig, "data")
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_config_matches_the_schema(option):
+    cfg = _cfg(option)
+    assert cfg.name in dataset_names()
+    check_data_config(OmegaConf.to_container(cfg, resolve=True))
     assert len(cfg.transforms.mean) == len(cfg.transforms.std) == cfg.in_channels
-    assert str(cfg.get("root", cfg.get("path"))).startswith("data/")
+    assert str(cfg.root if "root" in cfg else cfg.path).startswith("data/")
+
+
+def test_every_registered_dataset_has_a_config():
+    assert set(dataset_names()) == {_cfg(o).name for o in OPTIONS}
 
 
 def test_synth_svhn_generated_on_first_use(tmp_path):
@@ -51,7 +64,7 @@ def test_synth_svhn_generated_on_first_use(tmp_path):
     mean = torch.tensor(cfg.transforms.mean)[:, None, None]
     std = torch.tensor(cfg.transforms.std)[:, None, None]
     assert torch.allclose(test[0][0], (test_raw - mean) / std, atol=1e-5)  # test: no augment
-    xb, yb = next(iter(build_loader(test, {"num_workers": 0}, train=False, batch_size=8)))
+    xb, yb = next(iter(build_loader(test, LOADER, train=False, batch_size=8)))
     assert xb.shape == (8, 3, 32, 32) and yb.dtype == torch.int64
     assert torch.equal(xb[3], test[3][0])  # evaluation: in order, untransformed by seeds
 
@@ -104,8 +117,11 @@ def test_config_shape_mismatch_and_unknown_name(tmp_path):
                **{"synth.n_train": 8, "synth.n_test": 8})
     with pytest.raises(DatasetError, match=r"shape \(3, 32, 32\).*\(3, 28, 28\)"):
         build_datasets(cfg)
-    with pytest.raises(DatasetError, match="unknown dataset name 'mnist'"):
+    with pytest.raises(ConfigError, match="^data.name: expected one of 'svhn', .* got 'mnist'"):
         build_datasets({"name": "mnist"})
+    with pytest.raises(ConfigError, match="^data.verify_md5: missing required key$"):
+        build_datasets({k: v for k, v in OmegaConf.to_container(cfg).items()
+                        if k != "verify_md5"})
 
 
 def test_missing_real_svhn_points_to_synth(tmp_path):
@@ -150,8 +166,11 @@ def test_every_loader_option_reaches_the_loader(tmp_path, workers, pin, persiste
         assert loader.pin_memory == (pin is True)  # auto: only for a GPU device
         assert loader.persistent_workers == (persistent and workers > 0)
     assert data.train.batch_size == 4 and data.test.batch_size == 8 and data.train.drop_last
-    with pytest.raises(ValueError, match=r"data.loader: unknown option\(s\) \['batch_size'\]"):
-        build_loader(Crops(), {"batch_size": 3}, batch_size=4, train=True)
+    with pytest.raises(ConfigError, match=r"^data.loader.batch_size: unknown key"):
+        build_loader(Crops(), {**LOADER, "batch_size": 3}, batch_size=4, train=True)
+    with pytest.raises(ConfigError, match=r"^data.loader.pin_memory: missing required key$"):
+        build_loader(Crops(), {"num_workers": 0, "persistent_workers": False}, batch_size=4,
+                     train=True)
 
 
 def _epoch(loader, epoch):
@@ -160,10 +179,10 @@ def _epoch(loader, epoch):
 
 
 def test_augmentation_follows_seed_epoch_and_sample_only():
-    one = build_loader(Crops(), {"num_workers": 0}, batch_size=8, train=True, seed=1)
-    workers = build_loader(Crops(), {"num_workers": 2, "persistent_workers": True},
+    one = build_loader(Crops(), LOADER, batch_size=8, train=True, seed=1)
+    workers = build_loader(Crops(), {**LOADER, "num_workers": 2, "persistent_workers": True},
                            batch_size=8, train=True, seed=1)
-    ranks = [build_loader(Crops(), {"num_workers": 0}, batch_size=4, train=True, seed=1,
+    ranks = [build_loader(Crops(), LOADER, batch_size=4, train=True, seed=1,
                           rank=r, world=2) for r in (0, 1)]
     rng = torch.get_rng_state()
     for epoch in (0, 1, 0):  # persistent workers see each epoch, and an epoch repeats exactly
@@ -180,13 +199,13 @@ def test_augmentation_follows_seed_epoch_and_sample_only():
     e0, e1 = _epoch(one, 0), _epoch(one, 1)
     by_sample = {int(r[0]): r[1:] for r in e0}
     assert any(not torch.equal(by_sample[int(r[0])], r[1:]) for r in e1)  # new crops per epoch
-    other_seed = build_loader(Crops(), {"num_workers": 0}, batch_size=8, train=True, seed=2)
+    other_seed = build_loader(Crops(), LOADER, batch_size=8, train=True, seed=2)
     assert not torch.equal(_epoch(other_seed, 0), e0)
 
 
 def test_worker_seeds_differ_per_rank():
-    seeds = [build_loader(Crops(), {"num_workers": 2}, batch_size=4, train=True, seed=0, rank=r,
-                          world=2).generator.initial_seed() for r in (0, 1)]
+    seeds = [build_loader(Crops(), {**LOADER, "num_workers": 2}, batch_size=4, train=True,
+                          seed=0, rank=r, world=2).generator.initial_seed() for r in (0, 1)]
     assert seeds[0] == 0 and seeds[1] != seeds[0]
 
 
@@ -198,3 +217,14 @@ def test_epoch_sampler_and_seeded_items_directly():
     items = SeededItems(Crops(), seed=0)
     assert torch.equal(items[(3, 5)][0], items[(3, 5)][0])
     assert items[(3, 5)][0][0] == 5 and len(items) == 40
+
+
+def test_absent_or_null_transform_ops_are_off():
+    x = torch.arange(3 * 6 * 6, dtype=torch.uint8).view(3, 6, 6)
+    base = {"mean": [0.0] * 3, "std": [1.0] * 3, "test": {}}
+    off = {**base, "test": {"resize": None, "center_crop": None, "random_crop": None,
+                            "hflip": False}, "grayscale": None}
+    assert torch.equal(build_transform(off, train=False)(x), build_transform(base, train=False)(x))
+    # scale = one float32 rounding (by 1/255 or /255): within 1 ulp of x / 255
+    assert torch.allclose(build_transform(base, train=False)(x), x.float() / 255, rtol=2.4e-7,
+                          atol=0)

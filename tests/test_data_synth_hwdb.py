@@ -71,7 +71,7 @@ def test_synth_hwdb_config_draws_on_first_use_and_caches(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kron.config_schema import DataConfig, check_against
+    from kron.config_schema import check_data_config
     from kron.data import build_datasets
     from kron.paths import CONFIG_DIR
 
@@ -80,7 +80,7 @@ def test_synth_hwdb_config_draws_on_first_use_and_caches(tmp_path):
             return compose("synth_hwdb", overrides=[f"{k}={v}" for k, v in over.items()])
 
     base = cfg()
-    check_against(OmegaConf.to_container(base, resolve=True), DataConfig, "data")
+    check_data_config(OmegaConf.to_container(base, resolve=True))
     assert base.name == "hwdb" and str(base.path).startswith("data/")
     small = {"path": tmp_path / "h.h5", "num_classes": 4, "input_size": 24,
              "synth.n_train": 12, "synth.n_test": 8}

@@ -6,6 +6,8 @@ with `transform=None`, and each has `.classes`. `build_loader` is the one DataLo
 (training and tests): per-rank shards, per-sample seeded augmentation, the config's loader
 options. Every problem with files on disk raises `DatasetError` (or a subclass: `UnsafePathError`,
 `kron.data.gnt.GntError`) with a one-line message saying what is wrong and how to fix it.
+A data config's `name` selects a dataset registered with `register_dataset` (kron/data/registry.py:
+a new dataset is one module plus one YAML file; `dataset_names()` lists them).
 
 Names are imported on first use, so `python -m kron.data.hwdb` and friends run without the
 package importing their module twice.
@@ -29,6 +31,9 @@ _EXPORTS = {
     "build_loader": "build",
     "set_epoch": "build",
     "build_transform": "transforms",
+    "register_dataset": "registry",
+    "dataset_names": "registry",
+    "dataset_entry": "registry",
 }
 
 __all__ = [
@@ -44,6 +49,9 @@ __all__ = [
     "build_loader",
     "set_epoch",
     "build_transform",
+    "register_dataset",
+    "dataset_names",
+    "dataset_entry",
 ]
 
 
@@ -57,6 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .build import build_dataset, build_datasets, build_loader, set_epoch
     from .hwdb import HWDB
     from .imagenet import ImageNet
+    from .registry import dataset_entry, dataset_names, register_dataset
     from .scenetext import Chars74K, ICDAR03Chars
     from .svhn import SVHN
     from .transforms import build_transform

@@ -11,15 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .errors import DatasetError
-from .hwdb import HWDB
-from .imagenet import ImageNet
-from .scenetext import Chars74K, ICDAR03Chars
-from .svhn import SVHN
-from .synthetic import ensure_synth_hwdb, ensure_synth_svhn
 from .transforms import build_transform
-
-NAMES = ("svhn", "synth_svhn", "hwdb", "icdar03", "chars74k", "imagenet")
-LOADER_KEYS = {"num_workers", "pin_memory", "persistent_workers"}
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:
@@ -57,47 +49,22 @@ def resolve_path(path: str | Path) -> Path:
 def build_dataset(cfg: Any, split: str, transform: Callable | None | str = "config") -> Dataset:
     """The `train` or `test` dataset that data config `cfg` describes.
 
-    `transform="config"` applies the config's transforms for that stage; pass None for raw
-    (uint8 tensor, int label) items, or any callable.
+    The config is checked first (:func:`kron.config_schema.check_data_config`: its dataset's
+    keys, all present), then built by the dataset registered under its `name`
+    (:mod:`kron.data.registry`). `transform="config"` applies the config's transforms for that
+    stage; pass None for raw (uint8 tensor, int label) items, or any callable.
     """
+    from kron.config_schema import check_data_config
+
+    from .registry import dataset_entry
+
     c = as_dict(cfg)
-    name = c.get("name")
-    if name not in NAMES:
-        raise DatasetError(f"unknown dataset name {name!r} in the data config; use one of {NAMES}.")
     if split not in ("train", "test"):
         raise DatasetError(f"build_dataset: split must be train or test, got {split!r}.")
+    check_data_config(c)
     if transform == "config":
         transform = build_transform(c["transforms"], train=split == "train")
-    train = split == "train"
-    if name in ("svhn", "synth_svhn"):
-        root = resolve_path(c["root"])
-        if name == "synth_svhn":
-            ensure_synth_svhn(root, **c.get("synth", {}))
-        return SVHN(root, c.get(f"{split}_split", split), transform,
-                    verify_md5=bool(c.get("verify_md5", name == "svhn")))
-    if name == "hwdb":
-        path = resolve_path(c["path"])
-        if c.get("synth"):
-            _ensure_synth_hwdb(path, c)
-        return HWDB(path, c.get(f"{split}_split", split), transform)
-    if name == "icdar03":
-        root = resolve_path(c["root"]) / c.get(f"{split}_subdir", split)
-        return ICDAR03Chars(root, bool(c.get("case_sensitive", True)), transform)
-    if name == "chars74k":
-        return Chars74K(resolve_path(c["root"]), bool(c.get("case_sensitive", True)),
-                        split, transform, float(c.get("test_fraction", 0.25)),
-                        int(c.get("split_seed", 0)))
-    return ImageNet(resolve_path(c["root"]), "train" if train else "val", transform)
-
-
-def _ensure_synth_hwdb(path: Path, c: dict[str, Any]) -> None:
-    """Draw the synthetic HWDB a config with a `synth` block asks for (data=synth_hwdb); its
-    class count and image size are the config's `num_classes` and `input_size`."""
-    synth = dict(c["synth"])
-    if synth.pop("difficulty", "easy") != "easy":
-        raise DatasetError("synthetic HWDB has one difficulty; drop data.synth.difficulty.")
-    ensure_synth_hwdb(path, num_classes=int(c["num_classes"]), size=int(c["input_size"]),
-                      **synth)
+    return dataset_entry(c).build(c, split, transform)
 
 
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
@@ -113,12 +80,12 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     c = as_dict(cfg)
     train, test = build_dataset(c, "train"), build_dataset(c, "test")
     n = len(train.classes)  # type: ignore[attr-defined]
-    if "num_classes" in c and int(c["num_classes"]) != n:
+    if int(c["num_classes"]) != n:
         raise DatasetError(
             f"{c['name']}: data.num_classes={c['num_classes']} but the data has {n} classes; "
             f"set data.num_classes={n}."
         )
-    if len(train) and "in_channels" in c and "input_size" in c:
+    if len(train):
         # the probe runs the training transforms (random crops): on a forked CPU stream, so
         # building the data never moves the global RNG (model init and dropout draw from it)
         with torch.random.fork_rng(devices=[]):
@@ -177,9 +144,10 @@ def build_loader(dataset: Dataset, loader_cfg: Mapping[str, Any], *, batch_size:
                  device: str | torch.device = "cpu") -> DataLoader:
     """The DataLoader training (and every test) uses, with every option of ``loader_cfg``.
 
-    ``loader_cfg`` is a data config's ``loader`` mapping: ``num_workers``, ``pin_memory``
-    (``auto``: pin when ``device`` is a GPU) and ``persistent_workers`` (in effect only with
-    workers, as torch requires). ``batch_size`` is per process. Training (``train=True``): this
+    ``loader_cfg`` is a data config's ``loader`` mapping, every key present
+    (:class:`kron.config_schema.LoaderConfig`): ``num_workers``, ``pin_memory`` (``auto``: pin
+    when ``device`` is a GPU) and ``persistent_workers`` (in effect only with workers, as torch
+    requires). ``batch_size`` is per process. Training (``train=True``): this
     rank's shard of a seeded permutation per epoch (:class:`EpochSampler`; call
     :func:`set_epoch` before each epoch), per-sample seeded augmentation (:class:`SeededItems`),
     the last partial batch dropped (every rank takes the same number of steps). Evaluation:
@@ -187,15 +155,13 @@ def build_loader(dataset: Dataset, loader_cfg: Mapping[str, Any], *, batch_size:
     seed distinct per rank (``kron.distributed.seed_for_rank``). See docs/design.md, D6
     and D8.
     """
+    from kron.config_schema import LoaderConfig, check_against
     from kron.distributed import seed_for_rank
 
     c = as_dict(loader_cfg)
-    unknown = set(c) - LOADER_KEYS
-    if unknown:
-        raise ValueError(f"data.loader: unknown option(s) {sorted(unknown)}; the loader takes "
-                         f"{sorted(LOADER_KEYS)}")
-    workers = int(c.get("num_workers", 0))
-    pin = c.get("pin_memory", "auto")
+    check_against(c, LoaderConfig, "data.loader")
+    workers = int(c["num_workers"])
+    pin = c["pin_memory"]
     pin = torch.device(device).type == "cuda" if pin == "auto" else bool(pin)
     generator = torch.Generator().manual_seed(seed_for_rank(seed, rank))
     sampler: Sampler | None = None
@@ -206,7 +172,7 @@ def build_loader(dataset: Dataset, loader_cfg: Mapping[str, Any], *, batch_size:
         dataset = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler,
                       num_workers=workers, pin_memory=pin,
-                      persistent_workers=bool(c.get("persistent_workers", False)) and workers > 0,
+                      persistent_workers=bool(c["persistent_workers"]) and workers > 0,
                       drop_last=train, generator=generator)
 
 

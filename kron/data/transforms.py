@@ -1,7 +1,8 @@
 """Build the train and test transforms from the data config, so models never see dataset details.
 
 The input is a loader item's uint8 tensor (C, H, W); the output is a normalised float32 tensor.
-Config (`data.transforms`), every key optional except mean and std:
+Config (`data.transforms`; its schema: kron/config_schema.py, TransformsConfig). mean, std,
+train and test are required; an op or flag that is absent (or null / false) is off:
 
     mean: [..]  std: [..]      # per output channel, on the [0, 1] scale
     grayscale: false           # RGB to one channel, after the spatial ops (both stages)
@@ -24,24 +25,30 @@ from torchvision.transforms import v2
 
 def build_transform(cfg: Mapping[str, Any], train: bool) -> v2.Compose:
     """The `train` or `test` pipeline described by `cfg` (see the module docstring)."""
-    stage = cfg.get("train" if train else "test") or {}
+    stage = cfg["train" if train else "test"]
     ops: list[Any] = []
-    if stage.get("resize"):
+    if _on(stage, "resize"):
         ops.append(v2.Resize(_size(stage["resize"]), antialias=True))
-    if stage.get("random_resized_crop"):
+    if _on(stage, "random_resized_crop"):
         ops.append(v2.RandomResizedCrop(_size(stage["random_resized_crop"]), antialias=True))
-    if stage.get("center_crop"):
+    if _on(stage, "center_crop"):
         ops.append(v2.CenterCrop(_size(stage["center_crop"])))
-    if stage.get("random_crop"):
-        ops.append(v2.RandomCrop(_size(stage["random_crop"]), padding=stage.get("padding") or None,
-                                 fill=stage.get("fill", 0)))
-    if stage.get("hflip"):
+    if _on(stage, "random_crop"):
+        padding = stage["padding"] if _on(stage, "padding") else None
+        fill = {"fill": stage["fill"]} if "fill" in stage else {}  # absent: torchvision's (0)
+        ops.append(v2.RandomCrop(_size(stage["random_crop"]), padding=padding, **fill))
+    if _on(stage, "hflip"):
         ops.append(v2.RandomHorizontalFlip())
     ops.append(v2.ToDtype(torch.float32, scale=True))  # spatial ops above ran on uint8: faster
-    if cfg.get("grayscale"):
+    if _on(cfg, "grayscale"):
         ops.append(v2.Grayscale(num_output_channels=1))  # on floats: no uint8 rounding
     ops.append(v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])))
     return v2.Compose(ops)
+
+
+def _on(node: Mapping[str, Any], key: str) -> bool:
+    """Whether an op or flag is set: present and not null / false / 0."""
+    return key in node and bool(node[key])
 
 
 def _size(value: Any) -> int | list[int]:

@@ -222,7 +222,7 @@ def _plan_one(name: str, layer: nn.Module, entry: dict, shape: tuple | None
         row.reason = _strip_label(str(err), name, layer)
         return row, None
     new.train(layer.training)
-    if settings.get("init", "scratch") != "scratch":
+    if "init" in settings and settings["init"] != "scratch":  # absent: factorize's scratch
         row.fit_error = relative_fit_error(dense, new)
     row.kind, row.detail, row.status = kind, detail(new), SWAPPED
     row.params_after, row.macs_after = count_params(new), int(layer_macs(new, shape))
