@@ -10,16 +10,16 @@ loader and a training run then take it like any of kron's own datasets.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.config_schema import ConfigError, check_train_config
-from kron.data import build_datasets, build_loader, dataset_names
-from kron.paths import CONFIG_DIR
+from kron.data import build_datasets, build_loader, dataset_names, unregister_dataset
 
 N_TRAIN, N_TEST = 48, 16
 
@@ -80,7 +80,7 @@ loader:
 
 
 @pytest.fixture
-def flat(tmp_path, monkeypatch, request) -> tuple[str, list[str]]:
+def flat(tmp_path, monkeypatch, request) -> Iterator[tuple[str, list[str]]]:
     """(dataset name, overrides selecting it) for a dataset written into tmp_path."""
     name = module = f"flat_{request.node.name.split('[')[0][-20:]}"
     (tmp_path / f"{module}.py").write_text(MODULE.replace("{name}", name))
@@ -88,12 +88,12 @@ def flat(tmp_path, monkeypatch, request) -> tuple[str, list[str]]:
     (tmp_path / "conf" / "data" / f"{name}.yaml").write_text(
         textwrap.dedent(YAML.format(name=name, module=module)))
     monkeypatch.syspath_prepend(str(tmp_path))  # the module: importable, as on PYTHONPATH
-    return name, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"data={name}"]
+    yield name, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"data={name}"]
+    unregister_dataset(name)  # the registry is process-wide: leave it as found
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_train(overrides)
 
 
 def test_a_new_dataset_is_one_module_and_one_yaml(flat):

@@ -34,6 +34,7 @@ _EXPORTS = {
     "register_dataset": "registry",
     "dataset_names": "registry",
     "dataset_entry": "registry",
+    "unregister_dataset": "registry",
 }
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "register_dataset",
     "dataset_names",
     "dataset_entry",
+    "unregister_dataset",
 ]
 
 
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .build import build_dataset, build_datasets, build_loader, set_epoch
     from .hwdb import HWDB
     from .imagenet import ImageNet
-    from .registry import dataset_entry, dataset_names, register_dataset
+    from .registry import dataset_entry, dataset_names, register_dataset, unregister_dataset
     from .scenetext import Chars74K, ICDAR03Chars
     from .svhn import SVHN
     from .transforms import build_transform

@@ -62,6 +62,15 @@ def register_dataset(name: str, config: type) -> Callable[[Builder], Builder]:
     return register
 
 
+def unregister_dataset(name: str) -> None:
+    """Forget a dataset registered from outside kron (the registry is process-wide: a test or a
+    notebook that registers a throwaway dataset removes it again); kron's own cannot go."""
+    entry = _REGISTRY.get(name)
+    if entry is not None and entry.build.__module__.startswith("kron."):
+        raise ValueError(f"dataset {name!r} is kron's own and cannot be unregistered")
+    _REGISTRY.pop(name, None)
+
+
 def _origin(fn: Callable) -> tuple[str, str]:
     """Where a function is defined (the same code imported twice registers once)."""
     return fn.__code__.co_filename, fn.__qualname__
