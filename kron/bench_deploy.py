@@ -38,9 +38,11 @@ def build_pair(overrides: list[str]) -> tuple[dict[str, nn.Module], tuple[int, i
     weights, eval mode), and one input's shape."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from kron.paths import CONFIG_DIR
-    from kron.recipe.model import surgered_model
+    from kron.recipe.settings import ModelSettings
+    from kron.recipe.steps import surgered_model
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -48,7 +50,8 @@ def build_pair(overrides: list[str]) -> tuple[dict[str, nn.Module], tuple[int, i
     cfg.init_from = None
     shape = (int(cfg.data.in_channels), int(cfg.data.input_size), int(cfg.data.input_size))
     torch.manual_seed(int(cfg.seed))
-    kron_net, _, build_dense = surgered_model(cfg, int(cfg.data.num_classes), shape)
+    kron_net, _, build_dense = surgered_model(ModelSettings.of(OmegaConf.to_container(
+        cfg, resolve=True)))
     return {"dense": build_dense().eval(), "kron": kron_net.eval()}, (1, *shape)
 
 
