@@ -52,7 +52,7 @@ class WandbConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Per-step learning rate: linear warm-up, then ``name``'s decay (kron/recipe/optim.py)."""
+    """Per-step learning rate: linear warm-up, then ``name``'s decay (kron/recipe/fit.py: lr_at)."""
 
     name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = 0

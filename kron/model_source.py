@@ -7,7 +7,7 @@ record holds only strings and primitives, so it travels inside a ``weights_only`
   weights are never downloaded: load a state dict with ``weights=PATH``);
 - ``"package.module:callable"``, called with ``kwargs``, returning an ``nn.Module``;
 - a kron training run folder (``.hydra/config.yaml`` + ``last.pt``): the run's net is built by
-  the recipe's own :func:`kron.recipe.model.surgered_model` and its checkpoint loaded.
+  the recipe's own :func:`kron.recipe.steps.surgered_model` and its checkpoint loaded.
 
 Errors are one-line :class:`SourceError` messages naming the problem and the fix. See
 docs/design.md, D2 and D3.
