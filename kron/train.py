@@ -121,10 +121,9 @@ def main() -> None:
 # run folder belongs to a live job; a refused run would then overwrite the live run's record.
 # configs/train.yaml therefore turns Hydra's record off (``hydra.output_subdir: null``,
 # ``hydra/job_logging: none``), and rank 0 writes the same files (kron/recipe/steps.py:
-# start_job) once it holds the folder's run marker, whatever the launcher. See design.md, D8.
+# start_job) once it holds the folder's run marker, whatever the launcher. See docs/design.md, D8.
 def hydra_record(task_cfg: DictConfig) -> RunRecord:
     """The record Hydra would have written for the running job (call inside a Hydra job)."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.instance().cfg

@@ -8,6 +8,7 @@ their parent and on their own.
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 KRON = Path(__file__).resolve().parents[1] / "kron"
@@ -20,6 +21,18 @@ ALLOWED_LONG = frozenset({
 })
 
 
+def _functions(node: ast.AST, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """``(qualified name, lines)`` of every function under ``node``, nested ones included."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{child.name}"
+            if not isinstance(child, ast.ClassDef):
+                yield name, child.end_lineno - child.lineno + 1  # type: ignore[operator]
+            yield from _functions(child, f"{name}.")
+        else:
+            yield from _functions(child, prefix)
+
+
 def long_functions(root: Path, limit: int = MAX_LINES) -> dict[str, int]:
     """``"relative/path.py:qualified.name" -> lines`` for every function under ``root`` longer
     than ``limit`` lines (def line to last line)."""
@@ -27,20 +40,7 @@ def long_functions(root: Path, limit: int = MAX_LINES) -> dict[str, int]:
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         rel = path.relative_to(root).as_posix()
-
-        def visit(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    name = f"{prefix}{child.name}"
-                    if not isinstance(child, ast.ClassDef):
-                        lines = child.end_lineno - child.lineno + 1  # type: ignore[operator]
-                        if lines > limit:
-                            found[f"{rel}:{name}"] = lines
-                    visit(child, f"{name}.")
-                else:
-                    visit(child, prefix)
-
-        visit(tree, "")
+        found.update({f"{rel}:{name}": n for name, n in _functions(tree) if n > limit})
     return found
 
 

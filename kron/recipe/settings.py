@@ -17,16 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass(frozen=True)
-class ResumeSettings:
-    """``resume`` (false, true, or a checkpoint / run folder), ``resume_force``, and this run's
-    resolved config, which a checkpoint must match."""
-
-    resume: bool | str
-    force: bool
-    config: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class SetupSettings:
     """How the job runs: device, seed, numerics, threads (``batch_size``: the global batch,
     which must divide by the number of processes)."""
@@ -140,6 +130,16 @@ class WandbSettings:
     group: str | None
     name: str | None
     tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    """``resume`` (false, true, or a checkpoint / run folder), ``resume_force``, and this run's
+    resolved config, which a checkpoint must match."""
+
+    resume: bool | str
+    force: bool
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ def layers_spec(s: ModelSettings) -> dict[str, dict]:
     spec = copy.deepcopy(s.layers)
     if s.implementation:
         for entry in spec.values():
-            if entry.get("kind") == "kron":  # a layers entry's own keys vary by kind
+            if entry.get("kind") == "kron":  # no kind: surgery refuses it in one line
                 entry["implementation"] = s.implementation
     return spec
 
