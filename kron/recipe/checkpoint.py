@@ -211,7 +211,11 @@ def run_marker(folder: Path) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- run identity
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config (plain dict) that must match for a resume."""
+    """The part of a resolved config (plain dict) that must match for a resume: the config as
+    the tables compare it to decide whether a record is current
+    (:func:`kron.tables.run.comparable_config`, reused: data loading, resume, progress and
+    logging aside), less ``IGNORED`` (when the run stops, where it runs, what it reports). The
+    optimizer is part of it."""
     view = tables_comparable(dict(config))
     for key in IGNORED:
         view.pop(key, None)
