@@ -36,14 +36,18 @@ NETS = ("dense", "kron")
 def build_pair(overrides: list[str]) -> tuple[dict[str, nn.Module], tuple[int, int, int, int]]:
     """The Kronecker net of the training config with ``overrides`` and its dense twin (fresh
     weights, eval mode), and one input's shape."""
+    from omegaconf import OmegaConf
+
     from kron.config_compose import compose_train
-    from kron.recipe.model import surgered_model
+    from kron.recipe.settings import ModelSettings
+    from kron.recipe.steps import surgered_model
 
     cfg = compose_train(overrides)
     cfg.init_from = None
     shape = (int(cfg.data.in_channels), int(cfg.data.input_size), int(cfg.data.input_size))
     torch.manual_seed(int(cfg.seed))
-    kron_net, _, build_dense = surgered_model(cfg, int(cfg.data.num_classes), shape)
+    kron_net, _, build_dense = surgered_model(ModelSettings.of(OmegaConf.to_container(
+        cfg, resolve=True)))
     return {"dense": build_dense().eval(), "kron": kron_net.eval()}, (1, *shape)
 
 

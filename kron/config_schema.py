@@ -160,7 +160,7 @@ class StepSchedule(_Schedule):
     gamma: float  # factor at each milestone
 
 
-#: per-step learning-rate schedules (kron/recipe/optim.py: lr_at), each with its own keys
+#: per-step learning-rate schedules (kron/recipe/fit.py: lr_at), each with its own keys
 SCHEDULES: dict[str, type] = {"cosine": CosineSchedule, "step": StepSchedule,
                               "constant": _Schedule}
 

@@ -7,7 +7,7 @@ record holds only strings and primitives, so it travels inside a ``weights_only`
   weights are never downloaded: load a state dict with ``weights=PATH``);
 - ``"package.module:callable"``, called with ``kwargs``, returning an ``nn.Module``;
 - a kron training run folder (``.hydra/config.yaml`` + ``last.pt``): the run's net is built by
-  the recipe's own :func:`kron.recipe.model.surgered_model` and its checkpoint loaded.
+  the recipe's own :func:`kron.recipe.steps.surgered_model` and its checkpoint loaded.
 
 Errors are one-line :class:`SourceError` messages naming the problem and the fix. See
 docs/design.md, D2 and D3.
@@ -105,13 +105,15 @@ def build_run_net(config_yaml: str) -> tuple[nn.Module, tuple[int, int, int, int
     fresh weights, and its input shape. ``init_from`` is ignored: the caller loads weights."""
     from omegaconf import OmegaConf
 
-    from kron.recipe.model import surgered_model
+    from kron.recipe.settings import ModelSettings
+    from kron.recipe.steps import surgered_model
 
     cfg = OmegaConf.create(config_yaml)
     cfg.init_from = None
     shape = (int(cfg.data.in_channels), int(cfg.data.input_size), int(cfg.data.input_size))
     try:
-        model, _, _ = surgered_model(cfg, int(cfg.data.num_classes), shape)
+        model, _, _ = surgered_model(ModelSettings.of(OmegaConf.to_container(cfg,
+                                                                             resolve=True)))
     except ValueError as err:
         raise SourceError(f"rebuilding the run's net: {err}") from None
     return model, (1, *shape)

@@ -1,53 +1,53 @@
 """The training entrypoint: ``python -m kron.train [group=option] [key=value ...]``.
 
-The recipe, top to bottom (each step is a function in ``kron/recipe/``):
-
-1. check the config and start the job (process group, device, seeds and flags, run folder,
-   then the run's record and log once the folder is held);
-2. build the baseline net, swap its layers (surgery), optionally plan the layers, place it
-   (before the data, so a ``layers=`` that cannot be built fails at once);
-3. build this rank's data loaders;
-4. build the optimizer, resume from a checkpoint if asked, and fit (train, evaluate, checkpoint);
-5. measure params, MACs and latency against the dense twin;
-6. write ``results.json`` and the W&B summary (the same fields).
+:func:`train` is the recipe, top to bottom; each step takes its own typed part of the config
+(kron/recipe/settings.py), and lives in kron/recipe/steps.py (set up, model, data, measure,
+results), kron/recipe/fit.py (optimizer, epochs, evaluation, W&B log) or
+kron/recipe/checkpoint.py (checkpoints, resume, run markers). The model is built (and
+``layers=`` checked) before the data, so a spec that cannot be built fails at once.
 
 Data-parallel: ``torchrun --nproc_per_node=N -m kron.train ...`` or a submitit launcher with
 several tasks (``batch_size`` is the global batch). Resume: ``resume=true`` (this run folder,
 else the newest earlier run of the same config under the folder of the day folders or the sweep
 folder, that is not running) or ``resume=PATH`` (only a checkpoint of this run, unless
-``resume_force=true``).
-See docs/design.md, D6 and D8.
+``resume_force=true``). The Hydra glue (the run's record, the resume search root, the output
+folder check) is at the end. See docs/design.md, D6 and D8.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kron.config_schema import check_train_config
 from kron.errors import debug_wanted, one_line, user_errors
 from kron.paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
-from kron.recipe.checkpoint import CKPT_NAME
-from kron.recipe.data import build_data
-from kron.recipe.logger import open_log
-from kron.recipe.loop import fit
-from kron.recipe.model import build_net
-from kron.recipe.optim import build_optimizer
-from kron.recipe.record import RunRecord, hydra_record
-from kron.recipe.results import measure_against_dense, results_record, write_results
-from kron.recipe.resume import resume_state
-from kron.recipe.setup import start_job
+from kron.recipe.checkpoint import CKPT_NAME, resume_state
+from kron.recipe.fit import fit, open_log, start_training
+from kron.recipe.settings import RunSettings
+from kron.recipe.steps import (
+    RunRecord,
+    build_data,
+    build_net,
+    measure_against_dense,
+    results_record,
+    start_job,
+    write_results,
+)
 
 __all__ = ["CKPT_NAME", "CONFIG_DIR", "check_config", "main", "train"]
 
 #: the config tree inside the package (absolute, so the `kron-train` script finds it anywhere)
 CONFIG_DIR = str(PACKAGE_CONFIG_DIR)
+DAY_FOLDER = re.compile(r"\d{4}-\d{2}-\d{2}")  # configs/train.yaml: hydra.run.dir's day
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -62,28 +62,21 @@ def train(cfg: DictConfig, out_dir: str | Path, overrides: list[str] | None = No
     ``record``: what the run writes about itself once it holds the folder (``.hydra/`` files)
     and where ``resume=true`` may search beyond ``out_dir`` (default: nowhere). Returns the
     results (also in ``out_dir/results.json``) on rank 0, ``{}`` on other ranks and when
-    ``stop_after_epochs`` stopped the run early. The model is built (and ``layers=`` checked)
-    before the data.
+    ``stop_after_epochs`` stopped the run early.
     """
-    overrides = list(overrides or [])
-    record = record or RunRecord()
     check_config(cfg)
-    with start_job(cfg, out_dir, record) as job:
-        size = int(cfg.data.input_size)
-        net = build_net(cfg, job, int(cfg.data.num_classes),
-                        (int(cfg.data.in_channels), size, size))
-        data = build_data(cfg, job)
-        optimizer = build_optimizer(cfg.optimizer, net.raw)
-        scaler = torch.amp.GradScaler("cuda", enabled=job.amp_dtype == torch.float16)
-        state = resume_state(cfg, job, net, optimizer, scaler, record.search_root)
-        with open_log(cfg, job, state) as log:
-            if not fit(cfg, job, data, net, optimizer, scaler, state, log):
+    run = RunSettings.of(cfg, overrides)
+    record = record or RunRecord()
+    with start_job(run.setup, out_dir, record) as job:
+        net = build_net(run.model, run.place, job)
+        data = build_data(run.data, job)
+        training = start_training(run.fit, job, net)
+        training.state = resume_state(run.resume, job, training, record.search_root)
+        with open_log(run.wandb, run.config, job, training.state) as log:
+            if not fit(run.fit, job, data, training, log) or not job.is_main:
                 return {}
-            if not job.is_main:
-                return {}
-            measured = measure_against_dense(cfg, job, net, data.shape)
-            results = results_record(cfg, job, net, state, measured, data.num_classes,
-                                     overrides)
+            measured = measure_against_dense(run.measure, job, net, data.shape)
+            results = results_record(run, job, net, training.state, measured)
             write_results(job, results)
             log.summary(results)
             return results
@@ -121,6 +114,67 @@ def main() -> None:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     hydra_main()
+
+
+# ----------------------------------------------------------------------------- Hydra glue
+# Hydra would write .hydra/ before the job function runs, that is before kron knows whether the
+# run folder belongs to a live job; a refused run would then overwrite the live run's record.
+# configs/train.yaml therefore turns Hydra's record off (``hydra.output_subdir: null``,
+# ``hydra/job_logging: none``), and rank 0 writes the same files (kron/recipe/steps.py:
+# start_job) once it holds the folder's run marker, whatever the launcher. See docs/design.md, D8.
+def hydra_record(task_cfg: DictConfig) -> RunRecord:
+    """The record Hydra would have written for the running job (call inside a Hydra job)."""
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.instance().cfg
+    hc = HydraConfig.get()
+    files = {"config.yaml": OmegaConf.to_yaml(task_cfg),
+             "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task)))}
+    return RunRecord(files, search_root(hc, hc.mode == RunMode.MULTIRUN))
+
+
+def search_root(hc: Any, multirun: bool) -> Path | None:
+    """Where ``resume=true`` looks beyond the run folder: a multirun's sweep folder; the folder
+    of the day folders when the run folder keeps kron's ``<root>/<YYYY-MM-DD>/<time>`` layout
+    and ``hydra.run.dir`` was not set on the command line; else nowhere (a folder the user
+    named holds one run, and what lies above it is not kron's)."""
+    if multirun:
+        return Path(str(hc.sweep.dir)).absolute()
+    if any(o.split("=")[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra):
+        return None
+    run_dir = Path(str(hc.runtime.output_dir)).absolute()
+    return run_dir.parents[1] if DAY_FOLDER.fullmatch(run_dir.parent.name) else None
+
+
+def unusable_folder(folder: str | Path) -> str | None:
+    """Why ``folder`` cannot be created or written (one line), or None if it looks usable: the
+    nearest existing folder on its path must be a folder this process may write into."""
+    folder = Path(folder).absolute()
+    near = next(p for p in (folder, *folder.parents) if p.exists())
+    if not near.is_dir():
+        return f"cannot create {folder}: {near} is a file, not a folder"
+    if not os.access(near, os.W_OK | os.X_OK):
+        return f"cannot create {folder}: {near} is not writable"
+    return None
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback (configs/train.yaml): before Hydra creates the run or sweep folder, check
+    that it can, so an unusable ``hydra.run.dir`` is one line on stderr (exit 2), not Hydra's
+    traceback from ``mkdir``."""
+
+    def _check(self, folder: Any, key: str) -> None:
+        problem = unusable_folder(str(folder))
+        if problem:
+            print(f"error: {problem} (choose another {key})", file=sys.stderr)
+            raise SystemExit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 if __name__ == "__main__":

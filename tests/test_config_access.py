@@ -35,19 +35,6 @@ COPIES = {"dict", "as_dict", "to_container", "deepcopy", "copy"}
 #: helper) and kron/tables (the compose helper) remove them; the lead empties this list when he
 #: merges their branches. Entries: "path:line: code".
 EXPECTED_ELSEWHERE: frozenset[str] = frozenset({
-    "recipe/logger.py: w.get('entity')",
-    "recipe/logger.py: w.get('project', 'kron')",
-    "recipe/logger.py: w.get('group')",
-    "recipe/logger.py: w.get('name')",
-    "recipe/logger.py: w.get('tags')",
-    "recipe/optim.py: opt_cfg.get('decay_kron_factors', True)",
-    "recipe/optim.py: sched.get('warmup_steps', 0)",
-    "recipe/optim.py: sched.get('min_lr_ratio', 0.0)",
-    "recipe/resume.py: cfg.optimizer.get('_target_')",
-    # these read saved records (results.json, W&B), which may predate a key: the compose
-    # helper indexes them or names them as records (e.g. `record`), not `config`
-    "tables/results.py: config.get('epochs')",
-    "tables/results.py: value.get('value')",
     "tables/run.py: config.get('data', {})",
 })
 

@@ -14,7 +14,7 @@ from kron.config_schema import check_train_config
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery
 from kron.paths import CONFIG_DIR
-from kron.recipe.optim import build_optimizer
+from kron.recipe.fit import build_optimizer
 
 CONFIGS = CONFIG_DIR
 GROUPS = ["data", "model", "layers", "optimizer", "scheduler", "logger", "launcher", "experiment"]

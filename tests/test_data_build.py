@@ -27,8 +27,8 @@ from kron.data.synthetic import (
 )
 from kron.distributed import DistContext
 from kron.paths import CONFIG_DIR
-from kron.recipe.data import build_data
-from kron.recipe.setup import Job
+from kron.recipe.settings import DataSettings
+from kron.recipe.steps import Job, build_data
 
 CONFIGS = CONFIG_DIR / "data"
 OPTIONS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -157,10 +157,10 @@ def test_every_loader_option_reaches_the_loader(tmp_path, workers, pin, persiste
                                                                "synth.n_test": 8}),
                           {"loader": {"num_workers": workers, "pin_memory": pin,
                                       "persistent_workers": persistent}})
-    train_cfg = OmegaConf.create({"data": cfg, "seed": 0, "batch_size": 4,
-                                  "eval_batch_size": 8})
+    settings = DataSettings(OmegaConf.to_container(cfg, resolve=True), seed=0, batch_size=4,
+                            eval_batch_size=8)
     job = Job(tmp_path, DistContext(), None, False, "")
-    data = build_data(train_cfg, job)
+    data = build_data(settings, job)
     for loader in (data.train, data.test):
         assert loader.num_workers == workers
         assert loader.pin_memory == (pin is True)  # auto: only for a GPU device

@@ -29,16 +29,15 @@ from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import (
     CKPT_NAME,
     MARKER_NAME,
+    find_resume,
     restore_rng,
     rng_state,
     run_marker,
     running_elsewhere,
     save_checkpoint,
 )
-from kron.recipe.loop import evaluate
-from kron.recipe.optim import build_optimizer, lr_at, param_groups
-from kron.recipe.resume import find_resume
-from kron.recipe.setup import Job
+from kron.recipe.fit import build_optimizer, evaluate, lr_at, param_groups
+from kron.recipe.steps import Job
 from kron.runtime import JobSettings, job_scope
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +194,7 @@ def test_learning_rate_schedules():
     assert [lr_at(s, 100, 1.0, step) for s in (49, 50, 74, 75)] == pytest.approx(
         [1.0, 0.1, 0.1, 0.01])
     with pytest.raises(ValueError, match="unknown scheduler.name 'linear'"):
-        lr_at(0, 10, 1.0, {"name": "linear"})
+        lr_at(0, 10, 1.0, {"name": "linear", "warmup_steps": 0})
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -24,10 +24,15 @@ from kron.errors import CheckpointError, OutputFolderError
 from kron.fileio import atomic_write, atomic_write_text
 from kron.layers.errors import FactorizationError
 from kron.paths import CONFIG_DIR
-from kron.recipe.checkpoint import CKPT_NAME, MARKER_NAME, load_checkpoint, save_checkpoint
-from kron.recipe.record import RunRecord, search_root, unusable_folder
-from kron.recipe.resume import find_resume
-from kron.train import train
+from kron.recipe.checkpoint import (
+    CKPT_NAME,
+    MARKER_NAME,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kron.recipe.steps import RunRecord
+from kron.train import search_root, train, unusable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from kron.data import build_datasets
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import MARKER_NAME
-from kron.recipe.model import surgered_model
-from kron.recipe.record import RunRecord
+from kron.recipe.settings import ModelSettings
+from kron.recipe.steps import RunRecord, surgered_model
 from kron.train import CKPT_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_one_epoch_writes_complete_results(tiny_data, tmp_path):
     assert not (tmp_path / MARKER_NAME).exists()  # the run is over: no longer marked running
     # the reported test accuracy and loss = an independent evaluation of the saved weights
     cfg = compose_cfg(over)
-    model, _, _ = surgered_model(cfg, 10, (3, 32, 32))
+    model, _, _ = surgered_model(ModelSettings.of(OmegaConf.to_container(cfg, resolve=True)))
     model.load_state_dict(ckpt["model"])
     _, test = build_datasets(cfg.data)
     x = torch.stack([test[i][0] for i in range(len(test))])

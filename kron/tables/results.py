@@ -96,8 +96,8 @@ class RunResult:
 
 
 def _epochs_wanted(data: dict[str, Any]) -> Any:
-    config = data.get("config")
-    return config.get("epochs") if isinstance(config, dict) else None
+    recorded = data.get("config")  # a record's config, which may predate a key
+    return recorded.get("epochs") if isinstance(recorded, dict) else None
 
 
 def classify(row: Row, data: dict[str, Any] | None, path: Path | None, exists: bool,
@@ -166,9 +166,10 @@ def collect(table: Table, out: str | Path | None = None,
     return [load_run(r, run_dir(table.name, r, out, s), s) for r in table.rows for s in range(n)]
 
 
-def _wandb_config_value(config: dict[str, Any], key: str) -> Any:
-    value = config.get(key)
-    return value.get("value") if isinstance(value, dict) and set(value) <= {"value", "desc"} \
+def _wandb_config_value(logged: dict[str, Any], key: str) -> Any:
+    """A value of a W&B run's logged config (``{"value": v, "desc": ...}`` or plain)."""
+    value = logged.get(key)
+    return value["value"] if isinstance(value, dict) and set(value) <= {"value", "desc"} \
         else value
 
 
