@@ -57,7 +57,7 @@ def test_families_replace_every_swappable_layer_at_the_budget(tmp_path):
         family_spec("sparse", layers, "param_ratio", 0.1)
     with pytest.raises(ValueError, match="neither a table"):
         base_overrides("nope", [])
-    with pytest.raises(ValueError, match="sets the experiment and layers"):
+    with pytest.raises(ValueError, match="sets the preset and layers"):
         base_overrides("svhn", ["layers=dense"])
     assert point_id("kron", "param_ratio", 0.05) == "kron_p0_05"
     assert point_id("cp", "mac_ratio", 0.2) == "cp_m0_2"
@@ -73,7 +73,7 @@ def test_write_frontier_configs_compose(tmp_path):
     assert table.seeds == 2 and table.reference == "dense" and not table.headline
     assert table.row("kron_p0_2").budget == 0.2 and table.row("dense").budget is None
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={table.row('cp_p0_2').experiment}",
+        cfg = compose("train", overrides=[f"preset={table.row('cp_p0_2').preset}",
                                           *table.overrides])
     spec = OmegaConf.to_container(cfg.layers, resolve=True)
     assert spec["features.conv3"] == {"kind": "cp", "param_ratio": 0.2}

@@ -25,12 +25,12 @@ pytestmark = pytest.mark.slow
 DECL = {
     "name": "real", "title": "Real tiny runs", "reference": "dense", "seeds": 2,
     "rows": [
-        {"id": "dense", "experiment": "svhn_table/dense", "family": "dense"},
-        {"id": "kron", "experiment": "svhn_table/kron_c16", "family": "kron"},
-        {"id": "lowrank", "experiment": "svhn_table/lowrank_fc", "family": "lowrank"},
-        {"id": "stopped", "experiment": "svhn_table/kron_fc", "family": "kron"},
-        {"id": "broken", "experiment": "svhn_table/cp", "family": "lowrank"},
-        {"id": "never", "experiment": "svhn_table/tucker", "family": "lowrank"},
+        {"id": "dense", "preset": "svhn_table/dense", "family": "dense"},
+        {"id": "kron", "preset": "svhn_table/kron_c16", "family": "kron"},
+        {"id": "lowrank", "preset": "svhn_table/lowrank_fc", "family": "lowrank"},
+        {"id": "stopped", "preset": "svhn_table/kron_fc", "family": "kron"},
+        {"id": "broken", "preset": "svhn_table/cp", "family": "lowrank"},
+        {"id": "never", "preset": "svhn_table/tucker", "family": "lowrank"},
     ],
 }
 

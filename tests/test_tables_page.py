@@ -17,9 +17,9 @@ from kron.tables.run import composed_config, job_overrides
 
 TABLE = {"name": "tiny", "title": "Tiny table", "reference": "dense", "headline": False,
          "overrides": ["data=synth_svhn"],
-         "rows": [{"id": "dense", "experiment": "svhn_table/dense", "label": "Dense",
+         "rows": [{"id": "dense", "preset": "svhn_table/dense", "label": "Dense",
                    "family": "dense"},
-                  {"id": "lowrank_fc", "experiment": "svhn_table/lowrank_fc",
+                  {"id": "lowrank_fc", "preset": "svhn_table/lowrank_fc",
                    "label": "Low-rank FC", "family": "lowrank"}]}
 
 
@@ -50,7 +50,7 @@ def tiny(tmp_path, monkeypatch):
     page = P.load_page(str(path))
     table, _ = P.section_table(page.sections[0], None)
     for row, seed, acc in (("dense", 0, 90.0), ("dense", 1, 91.0), ("lowrank_fc", 0, 80.0)):
-        rec = Path(page.records) / "tiny" / "runs" / table.row(row).experiment / f"seed{seed}"
+        rec = Path(page.records) / "tiny" / "runs" / table.row(row).preset / f"seed{seed}"
         rec.mkdir(parents=True)
         (rec / RESULTS).write_text(json.dumps(record(table, row, seed, acc, 600.0)))
     return page, table, tmp_path / "out"

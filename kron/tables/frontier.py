@@ -56,17 +56,18 @@ def parse_list(text: str, what: str, cast=str) -> list:
 
 
 def base_overrides(target: str, overrides: Sequence[str]) -> tuple[str, list[str], str | None]:
-    """(name, overrides of the dense base run, the experiment it starts from) for a declared
+    """(name, overrides of the dense base run, the preset it starts from) for a declared
     table (its reference row and shared overrides) or a model config name."""
-    bad = [o for o in overrides if o.split("=")[0].lstrip("+~") in ("experiment", "layers")]
+    bad = [o for o in overrides
+           if o.split("=")[0].lstrip("+~") in ("preset", "experiment", "layers")]
     if bad:
-        raise ValueError(f"{bad[0]!r}: the frontier sets the experiment and layers itself; "
+        raise ValueError(f"{bad[0]!r}: the frontier sets the preset and layers itself; "
                          "pass the model/data overrides only")
     if target in list_tables():
         table = load_table(target)
         if table.reference is None:
             raise ValueError(f"table {target!r} has no reference (dense) row to start from")
-        exp = table.row(table.reference).experiment
+        exp = table.row(table.reference).preset
         return target, [*table.overrides, *overrides], exp
     from kron.paths import CONFIG_DIR
 
@@ -77,7 +78,7 @@ def base_overrides(target: str, overrides: Sequence[str]) -> tuple[str, list[str
     return target, [f"model={target}", *overrides], None
 
 
-def compose(overrides: Sequence[str], experiment: str | None):
+def compose(overrides: Sequence[str], preset: str | None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -86,7 +87,7 @@ def compose(overrides: Sequence[str], experiment: str | None):
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    over = [*([f"experiment={experiment}"] if experiment else ["layers=dense"]), *overrides]
+    over = [*([f"preset={preset}"] if preset else ["layers=dense"]), *overrides]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=over)
 
@@ -151,11 +152,11 @@ def point_id(family: str, budget_key: str, budget: float) -> str:
     return f"{family}_{budget_key[0]}" + re.sub(r"[^0-9a-z]+", "_", f"{budget:g}")
 
 
-def _experiment_yaml(group: str, row: str, base_experiment: str | None, spec: dict,
-                     comment: str) -> str:
-    # the base experiment as an option of the experiment group (its own relative defaults then
+def _preset_yaml(group: str, row: str, base_preset: str | None, spec: dict,
+                 comment: str) -> str:
+    # the base preset as an option of the preset group (its own relative defaults then
     # resolve as when it is chosen on the command line); a model: the dense layers
-    defaults = ([{"/experiment@_here_": base_experiment}] if base_experiment
+    defaults = ([{"/preset@_here_": base_preset}] if base_preset
                 else [{"override /layers": "dense"}])
     body = {"defaults": defaults, "layers": spec,
             "wandb": {"name": f"{group}/{row}", "group": group}}
@@ -167,7 +168,7 @@ def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float
                    budget_key: str = "param_ratio", overrides: Sequence[str] = (),
                    layers: Sequence[str] | None = None, out: str | Path | None = None,
                    seeds: int = 1) -> tuple[Table, list[str]]:
-    """Write the frontier's experiment configs and ``table.yaml``; return the table and the
+    """Write the frontier's presets and ``table.yaml``; return the table and the
     points left out (infeasible budgets, each with its reason)."""
     if budget_key not in ("param_ratio", "mac_ratio"):
         raise ValueError(f"budget must be param_ratio or mac_ratio, got {budget_key!r}")
@@ -179,12 +180,12 @@ def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float
     chosen = swappable(cfg, layers)
     tname = f"frontier_{name}"
     root = table_dir(tname, out).resolve()
-    exp_dir = root / "configs" / "experiment" / tname
+    exp_dir = root / "configs" / "preset" / tname
     dense_exp = base_exp or f"{tname}/dense"
     if base_exp is None:
-        atomic_write_text(exp_dir / "dense.yaml", _experiment_yaml(
+        atomic_write_text(exp_dir / "dense.yaml", _preset_yaml(
             tname, "dense", None, {}, "the dense net (reference row)"))
-    rows = [{"id": "dense", "experiment": dense_exp, "label": "dense", "family": "dense"}]
+    rows = [{"id": "dense", "preset": dense_exp, "label": "dense", "family": "dense"}]
     skipped = []
     for family in families:
         for b in sorted(budgets):
@@ -194,10 +195,10 @@ def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float
             if why is not None:
                 skipped.append(f"{rid}: {why}")
                 continue
-            atomic_write_text(exp_dir / f"{rid}.yaml", _experiment_yaml(
+            atomic_write_text(exp_dir / f"{rid}.yaml", _preset_yaml(
                 tname, rid, base_exp, spec, f"{family}, every swapped layer at "
                 f"{budget_key} <= {b:g}"))
-            rows.append({"id": rid, "experiment": f"{tname}/{rid}", "family": family,
+            rows.append({"id": rid, "preset": f"{tname}/{rid}", "family": family,
                          "label": f"{family} {budget_key.replace('_', ' ')} {b:g}",
                          "budget": float(b)})
     if len(rows) == 1:

@@ -1,7 +1,7 @@
 """Where a table's runs live, and reading their ``results.json`` (or W&B summaries).
 
-Each (row, seed) runs in ``<out>/tables/<table>/runs/<experiment>/seed<k>/`` (Hydra's multirun
-subdir is the experiment's name and the seed), so ``kron-tables run`` and ``render`` agree on
+Each (row, seed) runs in ``<out>/tables/<table>/runs/<preset>/seed<k>/`` (Hydra's multirun
+subdir is the preset's name and the seed), so ``kron-tables run`` and ``render`` agree on
 paths without a manifest. A run is never dropped; its status is one of (docs/design.md, D9):
 
 - ``ok``: a results.json with every number a table needs;
@@ -48,8 +48,8 @@ def seed_dirname(seed: int) -> str:
 
 
 def row_dir(table: str, row: Row, out: str | Path | None = None) -> Path:
-    """``runs/<experiment>``: the folder holding one ``seed<k>`` folder per seed of ``row``."""
-    return runs_dir(table, out) / row.experiment
+    """``runs/<preset>``: the folder holding one ``seed<k>`` folder per seed of ``row``."""
+    return runs_dir(table, out) / row.preset
 
 
 def run_dir(table: str, row: Row, out: str | Path | None = None, seed: int = 0) -> Path:
@@ -199,12 +199,12 @@ def collect_wandb(table: Table, project: str, api: Any = None,
             pool[key] = run
     n = seeds if seeds is not None else max(
         [table.seeds] + [s + 1 for (name, s) in {**finished, **other}
-                         if name in {r.experiment for r in table.rows}])
+                         if name in {r.preset for r in table.rows}])
     out = []
     for row in table.rows:
         for seed in range(n):
-            out.append(_wandb_result(row, seed, finished.get((row.experiment, seed)),
-                                     other.get((row.experiment, seed))))
+            out.append(_wandb_result(row, seed, finished.get((row.preset, seed)),
+                                     other.get((row.preset, seed))))
     return out
 
 
