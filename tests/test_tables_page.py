@@ -28,7 +28,7 @@ def record(table, row, seed, acc, seconds):
     the row's overrides compose to now (so it is not stale)."""
     overrides = job_overrides(table, table.row(row), seed=seed)
     config = composed_config(overrides)
-    return {"test_acc1": acc, "params": 100, "params_dense": 400, "macs": 10,
+    return {"test_acc1": acc, "params": 100, "params_dense": 400, "macs_executed": 10,
             "macs_analytic": 10, "macs_dense": 40, "speedup": 2.0, "latency_ms": 1.0,
             "latency_dense_ms": 2.0, "epochs_done": config["epochs"], "config": config,
             "history": [{"train_seconds": seconds}], "overrides": overrides}

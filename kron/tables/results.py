@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kron.tables import renames
 from kron.tables.spec import Row, Table
 
 RESULTS = "results.json"
 CHECKPOINT = "last.pt"  # kron.train's per-epoch checkpoint (CKPT_NAME)
-NEEDED = ("test_acc1", "params", "params_dense", "macs", "macs_dense")
+NEEDED = ("test_acc1", "params", "params_dense", "macs_executed", "macs_dense")
 
 
 def outputs_root() -> Path:
@@ -105,8 +106,11 @@ def classify(row: Row, data: dict[str, Any] | None, path: Path | None, exists: b
     """Status of one run from its (possibly absent) results dict.
 
     ``epochs_done``: how far a run without complete results got (from its checkpoint or its
-    W&B summary's ``epoch``); fewer than the config's epochs makes it incomplete.
+    W&B summary's ``epoch``); fewer than the config's epochs makes it incomplete. Fields
+    under an older name (``macs``: the executed count) are read under today's
+    (:mod:`kron.tables.renames`), so old records render as new ones.
     """
+    data = None if data is None else renames.results(data)
     if data is None and not exists:
         return RunResult(row, "missing", path=path, reason="not run", seed=seed)
     absent = [k for k in NEEDED if (data or {}).get(k) is None]
