@@ -89,10 +89,12 @@ def composed_config(overrides: Sequence[str]) -> dict | None:
 
 
 def comparable_config(config: dict) -> dict:
-    """A config without what does not change a run's result: how data is loaded, and where
-    the run ran (launcher) or resumed from; renamed keys and values under today's names."""
+    """A config without what does not change a run's result: how data is loaded, where the
+    run ran (launcher) or resumed from, and where its log went (``wandb.mode``, which follows
+    ``$WANDB_MODE``); renamed keys and values under today's names."""
     config = renames.config(json.loads(json.dumps(config, default=str)))
     config.get("data", {}).pop("loader", None)
+    config.get("wandb", {}).pop("mode", None)
     for key in ("resume", "resume_force", "progress", "log_every"):
         config.pop(key, None)
     return config
