@@ -278,10 +278,11 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
 
 def _check_implementation(value: Any) -> None:
     from kron.layers import KronLinear
+    from kron.layers.kron_base import implementation_name
 
     IMPLEMENTATIONS = KronLinear.implementations  # the widest set: KronConv2d's lacks triton
 
-    if value is not None and value not in IMPLEMENTATIONS:
+    if value is not None and implementation_name(value) not in IMPLEMENTATIONS:
         raise ConfigError(f"implementation: expected one of {', '.join(map(repr, IMPLEMENTATIONS))}"
                           f" or null, got {value!r}")
 

@@ -123,3 +123,24 @@ def test_the_old_group_name_is_refused_with_the_new_one():
     for bad in ("experiment=x", "+experiment=x", "preset=x"):
         with pytest.raises(ValueError, match="rows choose the preset"):
             check_overrides([bad])
+
+
+def test_the_old_implementation_name_builds_the_composed_layer():
+    import torch
+
+    from kron.config_schema import check_train_config
+    from kron.layers import KronLinear
+    from kron.planning import apply_plan
+    from kron.tables.run import composed_config
+
+    torch.manual_seed(0)
+    new = KronLinear(6, 4, [(2, 3)], implementation="composed", dtype=torch.float64)
+    old = KronLinear(6, 4, [(2, 3)], implementation="dense", dtype=torch.float64)
+    old.load_state_dict(new.state_dict())
+    assert old.implementation == "composed"
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.equal(old(x), new(x))  # the same op, not merely close
+    auto = torch.nn.Sequential(KronLinear(6, 4, [(2, 3)]))
+    apply_plan(auto, {"0": "dense"})  # a plan saved under the old name
+    assert auto[0].planned_implementation == "composed"
+    check_train_config(composed_config(["implementation=dense"]))  # accepted, no error

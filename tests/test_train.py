@@ -190,7 +190,7 @@ def test_plan_layers_pins_auto_layers_and_records_the_plan(tiny_data, tmp_path):
                          "implementation=auto", "plan_layers=true"])
     kron_layers = {r["name"] for r in res["surgery"] if r["kind"] == "kron"}
     assert set(res["layer_plan"]) == kron_layers
-    assert set(res["layer_plan"].values()) <= {"factored", "dense", "triton"}
+    assert set(res["layer_plan"].values()) <= {"factored", "composed", "triton"}
     ckpt = torch.load(tmp_path / CKPT_NAME, weights_only=True)
     assert not any("plan" in k for k in ckpt["model"])  # a plan is never saved as weights
 
