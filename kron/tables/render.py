@@ -109,7 +109,8 @@ def _cells(m: dict[str, Any], mark: Callable[[str], str]) -> list[str]:
     n = str(m["n"]) if m["n"] == m["asked"] else f"{m['n']}/{m['asked']}"
     mean = (lambda s: None if s is None else s.mean)  # noqa: E731
     return [m["label"], m["family"], n, num(m["test_acc1"]), num(m["test_err1"]), delta,
-            human(mean(m["params"])), ratio_stat(m["param_reduction"]), human(mean(m["macs_analytic"])),
+            human(mean(m["params"])), ratio_stat(m["param_reduction"]),
+            human(mean(m["macs_analytic"])),
             ratio_stat(m["mac_reduction"]), ratio_stat(m["speedup"]), m["paper"],
             _status(m, mark)]
 

@@ -1,9 +1,10 @@
 """Paper tables as data: each ``experiments/<name>.yaml`` declares one table's runs.
 
 A table is a list of rows; each row is one Hydra preset (``configs/preset/``, chosen with
-``preset=<name>``) plus what the paper states about it. Shared ``overrides`` (e.g. the dataset) apply to every
-run; ``smoke`` overrides make each row runnable on tiny synthetic data (the tests use them). A
-table may ``extends`` another and pick a subset of its rows (the demo table does).
+``preset=<name>``) plus what the paper states about it. Shared ``overrides`` (e.g. the dataset)
+apply to every run; ``smoke`` overrides make each row runnable on tiny synthetic data (the
+tests use them). A table may ``extends`` another and pick a subset of its rows (the demo table
+does).
 """
 
 from __future__ import annotations
