@@ -145,3 +145,14 @@ def test_the_old_implementation_name_builds_the_composed_layer():
     apply_plan(auto, {"0": "dense"})  # a plan saved under the old name
     assert auto[0].planned_implementation == "composed"
     check_train_config(composed_config(["implementation=dense"]))  # accepted, no error
+
+
+def test_a_renamed_config_key_moves_to_its_new_place():
+    from kron.tables import renames
+
+    old = {"measure": {"repeats": 10, "warmup": 5}, "layers": {"fc": {"implementation": "dense"}}}
+    got = renames.config(old, {"measure.repeats": "timing.repeats"})
+    assert got == {"measure": {"warmup": 5}, "timing": {"repeats": 10},
+                   "layers": {"fc": {"implementation": "composed"}}}
+    assert old["measure"] == {"repeats": 10, "warmup": 5}  # the record itself is not changed
+    assert renames.config(old, {"absent.key": "x"})["measure"] == old["measure"]

@@ -44,21 +44,27 @@ def _layer_specs(layers: Any) -> None:
             spec["implementation"] = implementation(spec["implementation"])
 
 
-def config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a run's composed config under today's names (keys and implementation
-    values)."""
+def _move(cfg: dict[str, Any], old: str, new: str) -> None:
+    """Move the value at dotted path ``old`` to dotted path ``new`` (if ``old`` is there)."""
+    *path, last = old.split(".")
+    node: Any = cfg
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return
+    value = node.pop(last)
+    *path, last = new.split(".")
+    for part in path:
+        cfg = cfg.setdefault(part, {})
+    cfg[last] = value
+
+
+def config(cfg: dict[str, Any], keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """A copy of a run's composed config under today's names: keys moved by ``keys`` (dotted
+    old path -> new path; default :data:`CONFIG_KEYS`) and implementation values renamed."""
     cfg = copy.deepcopy(cfg)
-    for old, new in CONFIG_KEYS.items():
-        *path, last = old.split(".")
-        node = cfg
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and last in node:
-            *new_path, new_last = new.split(".")
-            target = cfg
-            for part in new_path:
-                target = target.setdefault(part, {})
-            target[new_last] = node.pop(last)
+    for old, new in (CONFIG_KEYS if keys is None else keys).items():
+        _move(cfg, old, new)
     if "implementation" in cfg:
         cfg["implementation"] = implementation(cfg["implementation"])
     _layer_specs(cfg.get("layers"))
