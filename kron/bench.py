@@ -105,8 +105,8 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 def _kron_layers(dense: nn.Module, case: Case, device: torch.device) -> dict[str, nn.Module]:
     """The Kronecker candidates of one case, built from the dense layer (same values)."""
     build = KronConv2d.from_conv if isinstance(dense, nn.Conv2d) else KronLinear.from_linear
-    layers = {path: build(dense, case.terms, implementation="dense" if path == "composed"
-                          else path) for path in ("factored", "composed", "auto")}
+    layers = {path: build(dense, case.terms, implementation=path)
+              for path in ("factored", "composed", "auto")}
     if device.type == "cuda" and isinstance(dense, nn.Linear):
         try:
             layers["triton"] = build(dense, case.terms, implementation="triton")

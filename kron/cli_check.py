@@ -49,6 +49,10 @@ def cli_config_error(argv: Sequence[str]) -> str | None:
                  and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if not overrides:
         return None
+    old = [o for o in overrides if o.split("=")[0].lstrip("+~").split("@")[0] == "experiment"]
+    if old:  # the group's old name (docs/notes/names.md)
+        return (f"{old[0]}: the config group 'experiment' is now 'preset'; use "
+                f"preset={old[0].split('=', 1)[1]}")
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException

@@ -172,9 +172,12 @@ def _schedule_schema(values: Mapping[str, Any], key: str) -> type:
 
 
 def _implementations() -> tuple[str, ...]:
+    """Kronecker implementations (the widest set: KronConv2d's lacks triton), and the old
+    names still accepted (``dense`` for ``composed``, docs/notes/names.md)."""
     from kron.layers import KronLinear
+    from kron.layers.kron_base import OLD_IMPLEMENTATIONS
 
-    return KronLinear.implementations  # the widest set: KronConv2d's lacks triton
+    return (*KronLinear.implementations, *OLD_IMPLEMENTATIONS)
 
 
 class TrainConfig(TypedDict):

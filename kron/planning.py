@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kron.layers.kron_base import KroneckerSum
+from kron.layers.kron_base import KroneckerSum, implementation_name
 from kron.timing import median_times, training_step
 
 
@@ -104,6 +104,7 @@ def apply_plan(model: nn.Module, plan_: dict[str, str]) -> None:
     not saved in the state dict). Unknown names or implementations are a ``ValueError``."""
     layers = auto_layers(model)
     for name, impl in plan_.items():
+        impl = implementation_name(impl)  # a plan saved under an old name
         layer = layers.get(name)
         if layer is None:
             raise ValueError(

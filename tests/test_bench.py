@@ -33,7 +33,7 @@ def test_bench_quick_linear_counts_and_memory(tmp_path, capsys):
     assert row["weight_bytes"] == 256 * 256 * 4
     assert row["compose_peak_bytes"] >= row["weight_bytes"]
     assert row["compose_peak_ratio"] == row["compose_peak_bytes"] / (256 * 256 * 4)
-    assert {row["auto_choice"], row["auto_choice_train"]} <= {"factored", "dense"}
+    assert {row["auto_choice"], row["auto_choice_train"]} <= {"factored", "composed"}
     assert "fwd_triton_ms" not in row and row["speedup_fwd_triton"] is None  # CUDA only
     for key in ("fwd_dense_copy_ms", "control_fwd", "control_fwdbwd", "auto_vs_best"):
         assert row[key] > 0

@@ -17,7 +17,7 @@ def test_pre_rewrite_state_dicts_load_and_reproduce_outputs() -> None:
     lin.load_state_dict(saved["linear"])
     conv.load_state_dict(saved["conv"])
     with torch.no_grad():
-        for impl in ("factored", "dense"):
+        for impl in ("factored", "composed"):
             lin.implementation = conv.implementation = impl
             torch.testing.assert_close(lin(saved["x_linear"]), saved["y_linear"],
                                        rtol=1e-12, atol=1e-12)

@@ -34,9 +34,7 @@ COPIES = {"dict", "as_dict", "to_container", "deepcopy", "copy"}
 #: Calls flagged in files other helpers own (issue 20): kron/recipe and kron/train.py (the recipe
 #: helper) and kron/tables (the compose helper) remove them; the lead empties this list when he
 #: merges their branches. Entries: "path:line: code".
-EXPECTED_ELSEWHERE: frozenset[str] = frozenset({
-    "tables/run.py: config.get('data', {})",
-})
+EXPECTED_ELSEWHERE: frozenset[str] = frozenset()
 
 
 def _root(node: ast.AST) -> str | None:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from kron.config_compose import compose_train
 from kron.paths import CONFIG_DIR
 
-CASES = [[], ["experiment=svhn_table/kron_c16", "model.width=0.25", "seed=3"],
+CASES = [[], ["preset=svhn_table/kron_c16", "model.width=0.25", "seed=3"],
          ["layers=svhn_kron", "optimizer=adamw", "+extra_key=1"]]
 
 

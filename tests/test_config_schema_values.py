@@ -4,8 +4,9 @@ defaults (issue 20: one source of values).
 Run records are compared key by key with what the configs compose to now
 (kron/tables/run.py: ``stale``), so moving defaults between the schema, the YAML files and the
 code must not change one resolved value. ``tests/data/composed_configs.json`` holds the resolved
-config of every option of every group, every experiment alone and with the results page's
-overrides, composed from the code before that change (commit f9bb405). Regenerate it only for a
+config of every option of every group, every preset alone and with the results page's
+overrides, composed from the code before that change (commit f9bb405; the keys' ``experiment=``
+later renamed ``preset=``, the group's new name, which changes no value). Regenerate it only for a
 deliberate change of values: ``PYTHONPATH=$PWD python tests/test_config_schema_values.py``.
 """
 
@@ -16,9 +17,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.paths import CONFIG_DIR
 
 SNAPSHOT = Path(__file__).parent / "data" / "composed_configs.json"
@@ -30,20 +31,19 @@ ENV = ("KRON_DATA", "KRON_OUTPUTS", "WANDB_MODE")  # read by ${oc.env:...} in th
 
 def composed(overrides: list[str]) -> dict:
     """The resolved job config (no ``hydra`` node) these overrides compose to."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
+    return OmegaConf.to_container(compose_train(overrides), resolve=True)
 
 
 def cases() -> list[list[str]]:
-    """Every option of every group alone, every experiment alone and with the page's overrides,
+    """Every option of every group alone, every preset alone and with the page's overrides,
     and the page's overrides alone."""
     out: list[list[str]] = [[], PAGE]
     for group in GROUPS:
         out += [[f"{group}={p.stem}"] for p in sorted((CONFIG_DIR / group).glob("*.yaml"))]
-    for p in sorted((CONFIG_DIR / "experiment").rglob("*.yaml")):
-        name = p.relative_to(CONFIG_DIR / "experiment").with_suffix("").as_posix()
+    for p in sorted((CONFIG_DIR / "preset").rglob("*.yaml")):
+        name = p.relative_to(CONFIG_DIR / "preset").with_suffix("").as_posix()
         if not p.stem.startswith("_"):
-            out += [[f"experiment={name}"], [f"experiment={name}", *PAGE]]
+            out += [[f"preset={name}"], [f"preset={name}", *PAGE]]
     return out
 
 
@@ -62,7 +62,7 @@ def test_config_composes_to_its_recorded_values(key):
     assert composed(json.loads(key)) == _snapshot()[key]
 
 
-def test_snapshot_covers_every_option_and_experiment():
+def test_snapshot_covers_every_option_and_preset():
     missing = [c for c in cases() if json.dumps(c) not in _snapshot()]
     assert not missing, f"not in {SNAPSHOT.name}: {missing}; regenerate it (module docstring)"
 

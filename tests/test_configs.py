@@ -17,7 +17,7 @@ from kron.paths import CONFIG_DIR
 from kron.recipe.fit import build_optimizer
 
 CONFIGS = CONFIG_DIR
-GROUPS = ["data", "model", "layers", "optimizer", "scheduler", "logger", "launcher", "experiment"]
+GROUPS = ["data", "model", "layers", "optimizer", "scheduler", "logger", "launcher", "preset"]
 
 
 def options(group: str) -> list[str]:

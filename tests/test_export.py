@@ -52,7 +52,7 @@ def eager(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-@pytest.mark.parametrize("implementation", ["factored", "dense"])
+@pytest.mark.parametrize("implementation", ["factored", "composed"])
 def test_torch_export_with_dynamic_batch(implementation):
     model = surgered_net((implementation,) * 3)
     program = torch.export.export(model, (torch.randn(2, *INPUT[1:]),), dynamic_shapes=BATCH)
@@ -77,7 +77,7 @@ def test_torch_export_auto_with_dynamic_batch():
     torch.testing.assert_close(eager(program.module(), x), eager(model, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["factored", "dense", "auto"])
+@pytest.mark.parametrize("implementation", ["factored", "composed", "auto"])
 def test_channels_last_net_gives_the_same_outputs(implementation):
     model = surgered_net((implementation,) * 3)
     x = torch.randn(3, *INPUT[1:])

@@ -175,7 +175,7 @@ def test_budget_refusal_names_the_smallest_achievable_ratio():
     ({"kind": "kron"}, r"exactly one of 'terms'"),
     ({"kind": "kron", "terms": [(2, 2, 1, 1)], "rank": 2}, r"'rank' with 'terms' is ambiguous"),
     ({"kind": "cp", "ranks": (2, 2), "rank": 2}, r"'ranks' is Tucker's"),
-    ({"kind": "lowrank", "rank": 2, "module": nn.Linear(8, 8), "implementation": "dense"},
+    ({"kind": "lowrank", "rank": 2, "module": nn.Linear(8, 8), "implementation": "composed"},
      r"applies to kind 'kron' only"),
     ({"kind": "separable", "mac_ratio": 0.5}, r"needs the layer's input_shape"),
     ({"kind": "tucker", "param_ratio": -1}, r"param_ratio must be a number > 0"),

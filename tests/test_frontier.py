@@ -56,7 +56,7 @@ def test_families_replace_every_swappable_layer_at_the_budget(tmp_path):
         family_spec("sparse", layers, "param_ratio", 0.1)
     with pytest.raises(ValueError, match="neither a table"):
         base_overrides("nope", [])
-    with pytest.raises(ValueError, match="sets the experiment and layers"):
+    with pytest.raises(ValueError, match="sets the preset and layers"):
         base_overrides("svhn", ["layers=dense"])
     assert point_id("kron", "param_ratio", 0.05) == "kron_p0_05"
     assert point_id("cp", "mac_ratio", 0.2) == "cp_m0_2"
@@ -71,7 +71,7 @@ def test_write_frontier_configs_compose(tmp_path):
     assert "param_ratio" in skipped[0]  # the surgery's own reason
     assert table.seeds == 2 and table.reference == "dense" and not table.headline
     assert table.row("kron_p0_2").budget == 0.2 and table.row("dense").budget is None
-    cfg = compose_train([f"experiment={table.row('cp_p0_2').experiment}", *table.overrides])
+    cfg = compose_train([f"preset={table.row('cp_p0_2').preset}", *table.overrides])
     spec = OmegaConf.to_container(cfg.layers, resolve=True)
     assert spec["features.conv3"] == {"kind": "cp", "param_ratio": 0.2}
     assert spec["classifier.fc1"] == {"kind": "lowrank", "param_ratio": 0.2}

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kron.layers import KronConv2d, KronLinear
 
-IMPLS = ["factored", "dense"]
+IMPLS = ["factored", "composed"]
 
 
 def make_linear(impl: str, dtype=torch.float32, **kw) -> KronLinear:
@@ -251,7 +251,7 @@ def test_deepcopy_after_use_is_independent(make):
 def test_state_dict_round_trip_has_only_weights(make):
     layer = make("auto")
     x = inputs(layer)
-    layer.planned_implementation = "dense"
+    layer.planned_implementation = "composed"
     state = layer.state_dict()
     assert set(state) == {"a_factors.0", "a_factors.1", "b_factors.0", "b_factors.1", "bias"}
     other = make("auto")
@@ -381,7 +381,7 @@ def test_triton_implementation_matches_reference(monkeypatch, terms):
     y.square().sum().backward()
     (ref_gx,) = torch.autograd.grad(ref.square().sum(), xr)
     torch.testing.assert_close(x.grad.double(), ref_gx, rtol=1e-4, atol=1e-4)
-    dense = KronLinear(32, 16, terms, implementation="dense", device=device)
+    dense = KronLinear(32, 16, terms, implementation="composed", device=device)
     dense.load_state_dict(layer.state_dict())
     dense(x.detach()).square().sum().backward()
     for p, q in zip(layer.parameters(), dense.parameters()):
@@ -393,7 +393,7 @@ def test_triton_without_a_usable_device_is_a_one_line_error(monkeypatch):
     with pytest.raises(RuntimeError) as info:
         KronLinear(32, 16, [(4, 4)], implementation="triton", device="cpu")
     assert "implementation='factored'" in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="use one of auto, factored, dense$"):
+    with pytest.raises(ValueError, match="use one of auto, factored, composed$"):
         KronConv2d(8, 6, 3, [(2, 4, 1, 1)], implementation="triton")
 
 

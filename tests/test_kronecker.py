@@ -13,7 +13,7 @@ from kron.layers import KronConv2d, KronLinear
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
-IMPLS = ["factored", "dense", "auto"]
+IMPLS = ["factored", "composed", "auto"]
 
 
 def kron_reference(layer) -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_factored_and_dense_gradients_agree():
     fact = KronConv2d(8, 6, 3, [(2, 4, 1, 1), (3, 2, 3, 1)], padding=1,
                       implementation="factored", dtype=torch.float64)
     dense = KronConv2d(8, 6, 3, [(2, 4, 1, 1), (3, 2, 3, 1)], padding=1,
-                       implementation="dense", dtype=torch.float64)
+                       implementation="composed", dtype=torch.float64)
     dense.load_state_dict(fact.state_dict())
     x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
     for layer in (fact, dense):
@@ -189,7 +189,7 @@ def test_init_variance_matches_pytorch_default():
 
 def test_dense_weight_cache_follows_parameter_updates():
     torch.manual_seed(0)
-    layer = KronLinear(8, 4, [(2, 2)], implementation="dense")
+    layer = KronLinear(8, 4, [(2, 2)], implementation="composed")
     x = torch.randn(3, 8)
     with torch.no_grad():
         y0 = layer(x)

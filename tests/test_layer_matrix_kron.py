@@ -34,7 +34,7 @@ CONV_SPACE: dict[str, list] = {
     "groups": [1, 2, 4],
     "bias": [True, False],
     "padding_mode": ["zeros", "reflect", "replicate", "circular"],
-    "implementation": ["auto", "factored", "dense"],
+    "implementation": ["auto", "factored", "composed"],
     "unbatched": [False, True],
     "terms": ["a_out", "a_in", "a_space", "mixed"],
 }
@@ -133,7 +133,7 @@ def test_kron_conv_matches_nn_conv2d(case):
     check(layer, reference, x)
 
 
-@pytest.mark.parametrize("impl", ["auto", "factored", "dense"])
+@pytest.mark.parametrize("impl", ["auto", "factored", "composed"])
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("terms", [[(2, 3)], [(2, 3)] * 2, [(2, 3), (4, 2), (2, 3)], [(8, 12)]])

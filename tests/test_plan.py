@@ -37,7 +37,7 @@ def test_cpu_rule_picks_the_measured_faster_path_on_every_bench_shape():
     assert {c.name for c in cases} <= set(rows)
     for case in cases:
         row = rows[case.name]
-        faster = "factored" if row["fwd_factored_ms"] < row["fwd_composed_ms"] else "dense"
+        faster = "factored" if row["fwd_factored_ms"] < row["fwd_composed_ms"] else "composed"
         layer = kron_of(case)
         assert layer.rule_implementation(case.input_shape, "cpu", training=False) == faster, (
             case.name)
@@ -47,10 +47,10 @@ def test_rule_depends_on_batch_and_mac_ratio():
     """Tiny inputs are overhead-bound (dense: one op); a MAC ratio of 1 is never factored."""
     big = KronLinear(1024, 1024, [(32, 32)])
     assert big.rule_implementation((256, 1024), "cpu", False) == "factored"
-    assert big.rule_implementation((1, 1024), "cpu", False) == "dense"
+    assert big.rule_implementation((1, 1024), "cpu", False) == "composed"
     full = KronLinear(1024, 1024, [(32, 32)] * 32)  # more MACs factored than dense
-    assert full.rule_implementation((4096, 1024), "cpu", False) == "dense"
-    assert full.rule_implementation((4096, 1024), "cuda", True) == "dense"
+    assert full.rule_implementation((4096, 1024), "cpu", False) == "composed"
+    assert full.rule_implementation((4096, 1024), "cuda", True) == "composed"
 
 
 def test_same_choice_in_eager_and_compiled_code(monkeypatch):
@@ -78,7 +78,7 @@ def test_same_choice_in_eager_and_compiled_code(monkeypatch):
                 ran.clear()
                 compiled(x)
                 assert ran == eager and len(eager) == 1
-    assert layer.rule_implementation((2, 256), "cpu", False) == "dense"
+    assert layer.rule_implementation((2, 256), "cpu", False) == "composed"
     assert layer.rule_implementation((512, 256), "cpu", False) == "factored"
 
 
@@ -98,23 +98,23 @@ def test_plan_measures_every_auto_layer_and_apply_plan_pins_it(monkeypatch):
     x = torch.randn(2, 32, 6, 6)
     measured = plan(net, x, training=False, warmup=1, repeats=2)
     assert set(measured) == {"conv", "fc"}  # 'fixed' is not auto
-    assert set(measured.values()) <= {"dense", "factored"}
+    assert set(measured.values()) <= {"composed", "factored"}
     # the plan is the argmin of what was timed: fix the timings to check which one it takes
     monkeypatch.setattr(planning, "median_times",
-                        lambda runs, *a, **k: {"dense": 2.0, "factored": 1.0}
+                        lambda runs, *a, **k: {"composed": 2.0, "factored": 1.0}
                         if "factored" in runs else {})
     assert plan(net, x) == {"conv": "factored", "fc": "factored"}
     monkeypatch.setattr(planning, "median_times",
-                        lambda runs, *a, **k: {"dense": 1.0, "factored": 2.0})
+                        lambda runs, *a, **k: {"composed": 1.0, "factored": 2.0})
     chosen = plan(net, x)
-    assert chosen == {"conv": "dense", "fc": "dense"}
+    assert chosen == {"conv": "composed", "fc": "composed"}
     apply_plan(net, chosen)
-    assert net.conv.planned_implementation == "dense"
+    assert net.conv.planned_implementation == "composed"
     big = torch.randn(64, 32, 6, 6)  # the rule alone would run this factored
     assert net.conv.rule_implementation(big.shape, "cpu", False) == "factored"
     with torch.no_grad():
-        assert net.conv.resolved_implementation(big) == "dense"
-        assert net.fc.resolved_implementation(net.fixed(net.conv(big)).flatten(1)) == "dense"
+        assert net.conv.resolved_implementation(big) == "composed"
+        assert net.fc.resolved_implementation(net.fixed(net.conv(big)).flatten(1)) == "composed"
     assert all("plan" not in k and "extra_state" not in k for k in net.state_dict())
     clear_plan(net)
     with torch.no_grad():
@@ -143,18 +143,18 @@ def test_plan_on_a_non_zero_rank_takes_rank_zeros_plan(monkeypatch):
 
     def broadcast(box, src):
         assert src == 0 and box == [None]
-        box[0] = {"conv": "dense", "fc": "factored"}
+        box[0] = {"conv": "composed", "fc": "factored"}
 
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
     monkeypatch.setattr(planning, "measure_plan",
                         lambda *a, **k: pytest.fail("a non-zero rank must not measure"))
-    assert plan(net, torch.randn(2, 32, 6, 6)) == {"conv": "dense", "fc": "factored"}
+    assert plan(net, torch.randn(2, 32, 6, 6)) == {"conv": "composed", "fc": "factored"}
 
 
 def test_apply_plan_rejects_unknown_layers_and_implementations():
     net = Net()
     with pytest.raises(ValueError, match="not an 'auto' Kronecker layer"):
-        apply_plan(net, {"fixed": "dense"})
+        apply_plan(net, {"fixed": "composed"})
     with pytest.raises(ValueError, match="expected one of"):
         apply_plan(net, {"conv": "triton"})
 
@@ -169,18 +169,18 @@ def test_cuda_rule_uses_triton_and_the_grouped_conv_where_they_apply(monkeypatch
     monkeypatch.setattr(triton_linear, "triton_available", lambda: True)
     monkeypatch.setattr(triton_selfcheck, "verified", lambda device, dtype: True)  # as on a GPU
     lin = KronLinear(4096, 4096, [(64, 64)])
-    assert lin.candidates("cuda") == ["factored", "dense", "triton"]
+    assert lin.candidates("cuda") == ["factored", "composed", "triton"]
     assert lin.rule_implementation((16384, 4096), "cuda", False) == "triton"
-    assert lin.candidates("cpu") == ["factored", "dense"]
+    assert lin.candidates("cpu") == ["factored", "composed"]
     monkeypatch.setattr(triton_linear, "triton_supports", lambda *a: False)
-    assert lin.candidates("cuda") == ["factored", "dense"]
+    assert lin.candidates("cuda") == ["factored", "composed"]
     # the torch factored path measured 1.0-1.6x dense at this shape (issue 9)
     assert lin.rule_implementation((16384, 4096), "cuda", False) == "factored"
-    assert lin.rule_implementation((256, 4096), "cuda", False) == "dense"
+    assert lin.rule_implementation((256, 4096), "cuda", False) == "composed"
     conv = KronConv2d(256, 256, 3, [(16, 16, 1, 1)], padding=1)
     kinds = [g.kind for g in conv.workload((256, 256, 32, 32), "cuda").factored["factored"]]
     assert kinds == ["conv_grouped"]
     assert conv.rule_implementation((256, 256, 32, 32), "cuda", False) == "factored"
-    assert conv.rule_implementation((1, 256, 8, 8), "cuda", False) == "dense"
+    assert conv.rule_implementation((1, 256, 8, 8), "cuda", False) == "composed"
     spatial = KronConv2d(256, 256, 3, [(16, 16, 3, 1)], padding=1)
-    assert spatial.rule_implementation((256, 256, 32, 32), "cuda", False) == "dense"
+    assert spatial.rule_implementation((256, 256, 32, 32), "cuda", False) == "composed"

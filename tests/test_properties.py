@@ -32,7 +32,7 @@ from kron.layers.shapes import kron_term_shapes
 F64 = torch.float64
 DIMS = [1, 2, 3, 4, 6, 8]  # layer sizes with few and many divisors
 CHANNELS = [1, 2, 3, 4, 6]
-IMPLEMENTATIONS = ["factored", "dense", "auto"]
+IMPLEMENTATIONS = ["factored", "composed", "auto"]
 CONV_KINDS = ["kron", "separable", "cp", "tucker"]
 
 
@@ -139,7 +139,7 @@ HARD_CONVS = [
     dict(c=4, f=6, terms=[(2, 2, 1, 1), (2, 2, 1, 1), (3, 4, 3, 1), (1, 2, 3, 2), (1, 2, 3, 2)],
          geometry=dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1),
                        hw=(9, 6)), batch=3, bias=True, implementation=impl, chunked=True)
-    for impl in ("factored", "dense")
+    for impl in ("factored", "composed")
 ] + [
     dict(c=6, f=4, terms=[(2, 3, 1, 1), (2, 3, 1, 1), (4, 2, 1, 1)],
          geometry=dict(kernel_size=(3, 3), stride=(1, 2), padding=(2, 1), dilation=(1, 2),

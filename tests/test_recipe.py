@@ -78,7 +78,7 @@ def test_default_config_passes_the_schema():
     ("batch_size=0", "batch_size: expected a value >= 1, got 0"),
     ("eval_batch_size=0", "eval_batch_size: expected a value >= 1, got 0"),
     ("optimizer.lr=-0.1", "optimizer.lr: expected a value >= 0, got -0.1"),
-    ("implementation=bogus", "implementation: expected one of 'auto', 'factored', 'dense', "
+    ("implementation=bogus", "implementation: expected one of 'auto', 'factored', 'composed', "
                              "'triton' or null, got 'bogus'"),
     ("resume_force=maybe", "resume_force: expected a bool (true/false), got 'maybe'"),
 ])

@@ -276,7 +276,7 @@ def test_bad_value_is_one_line_on_the_command_line():
     # (every range check: tests/test_recipe.py; the command line runs the same check)
     proc = cli(["implementation=bogus"])
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == (
-        "error: implementation: expected one of 'auto', 'factored', 'dense', 'triton' or null, "
+        "error: implementation: expected one of 'auto', 'factored', 'composed', 'triton' or null, "
         "got 'bogus'\n")
 
 

@@ -73,12 +73,12 @@ def test_choose_terms_impossible_budget_says_what_is_achievable():
 
 def _layers():
     yield KronLinear(64, 32, [(4, 8), (4, 8), (8, 2)], implementation="factored"), (3, 5, 64)
-    yield KronLinear(64, 32, [(32, 64)], implementation="dense"), (7, 64)
+    yield KronLinear(64, 32, [(32, 64)], implementation="composed"), (7, 64)
     yield KronConv2d(16, 8, 3, [(4, 4, 1, 1), (4, 4, 1, 1)], stride=2, padding=1,
                      implementation="factored"), (2, 16, 11, 9)
     yield KronConv2d(16, 8, 4, [(2, 4, 2, 2), (4, 2, 1, 4)], stride=(2, 1), padding=(1, 2),
                      dilation=(1, 2), implementation="factored"), (2, 16, 13, 12)
-    yield KronConv2d(16, 8, 4, [(2, 4, 2, 2)], implementation="dense"), (2, 16, 13, 12)
+    yield KronConv2d(16, 8, 4, [(2, 4, 2, 2)], implementation="composed"), (2, 16, 13, 12)
     yield LowRankLinear(64, 32, 5), (4, 64)
     yield SeparableConv2d(16, 8, 3, 4, stride=2, padding=1), (2, 16, 11, 9)
     yield CPConv2d(16, 8, 3, 6, padding=1), (2, 16, 11, 9)
@@ -148,13 +148,13 @@ def test_mac_count_refers_to_the_implementation_that_runs(monkeypatch):
     assert layer.analytic_macs((3, 16)) == 3 * 128  # auto, no plan: the factored cost
     # implementation="auto" counts what a forward would run, with no forward run: this tiny
     # input is overhead-bound, so the cost model runs (and counts) dense
-    assert layer.rule_implementation((3, 16), "cpu", training=False) == "dense"
+    assert layer.rule_implementation((3, 16), "cpu", training=False) == "composed"
     assert layer.analytic_macs((3, 16), implementation="auto") == 3 * 256
-    layer.planned_implementation = "dense"
+    layer.planned_implementation = "composed"
     assert layer.analytic_macs((3, 16)) == 3 * 256  # a plan counts before the first forward
     assert layer.analytic_macs((3, 16), implementation="factored") == 3 * 128
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU triton layers need the interpreter
     triton = KronLinear(16, 16, [(4, 4)], implementation="triton")
     assert triton.analytic_macs((1, 16)) == 128  # the fused kernel does the factored MACs
-    dense = KronLinear(16, 16, [(4, 4)], implementation="dense")
+    dense = KronLinear(16, 16, [(4, 4)], implementation="composed")
     assert dense.analytic_macs((2, 16)) == 512

@@ -32,12 +32,12 @@ DECL = {
     "overrides": ["data=synth_svhn"],
     "reconstruction": ["A hand-written fixture."],
     "rows": [
-        {"id": "dense", "experiment": "toy_table/dense", "label": "Dense", "family": "dense"},
-        {"id": "kron_a", "experiment": "toy_table/kron_a", "label": "Kron A", "family": "kron"},
-        {"id": "kron_b", "experiment": "toy_table/kron_b", "label": "Kron B", "family": "kron"},
-        {"id": "lowrank", "experiment": "toy_table/lowrank", "label": "Low-rank",
+        {"id": "dense", "preset": "toy_table/dense", "label": "Dense", "family": "dense"},
+        {"id": "kron_a", "preset": "toy_table/kron_a", "label": "Kron A", "family": "kron"},
+        {"id": "kron_b", "preset": "toy_table/kron_b", "label": "Kron B", "family": "kron"},
+        {"id": "lowrank", "preset": "toy_table/lowrank", "label": "Low-rank",
          "family": "lowrank"},
-        {"id": "large", "experiment": "toy_table/large", "label": "Large maps",
+        {"id": "large", "preset": "toy_table/large", "label": "Large maps",
          "family": "kron"},
     ],
 }
@@ -45,12 +45,12 @@ DECL = {
 
 def result(acc, params, macs, speedup, row="dense", seed=0, executed=None, throughput=None):
     return {"test_acc1": acc, "params": params, "params_dense": 1_000_000,
-            "macs": executed or macs, "macs_analytic": macs, "macs_dense": 20_000_000,
+            "macs_executed": executed or macs, "macs_analytic": macs, "macs_dense": 20_000_000,
             "speedup": speedup, "latency_ms": 10.0 / speedup, "latency_dense_ms": 10.0,
             "latency_batch_size": 1, "throughput_speedup": throughput,
             "throughput_batch_size": 64 if throughput else None,
             "epochs_done": 2, "config": {"epochs": 2, "seed": seed},
-            "overrides": [f"experiment=toy_table/{row}", f"seed={seed}", "data=synth_svhn"]}
+            "overrides": [f"preset=toy_table/{row}", f"seed={seed}", "data=synth_svhn"]}
 
 
 TOY_RUNS = {  # (row, seed) -> results.json
@@ -112,7 +112,8 @@ Each number is the mean over the n finished seeds (of 2 asked), ± the sample st
 deviation; Δ error is in points against the reference row (dense), taken per seed pair. \
 Param./MAC reduction and speedup are against each run's own dense twin (same net, no layer \
 swapped), speedup measured in the same process (speedup at batch 1, large batch 64); MACs are \
-per image, of the factored layers (table.csv's macs_executed: what ran).
+per image, counted analytically from the factored layers (table.csv's macs_analytic; \
+macs_executed: what ran).
 
 - Paper's headline: 3.3x speedup or 3.6x parameter reduction with less than 1% drop in accuracy \
 (abstract; the experiment it refers to is not stated).
@@ -139,8 +140,9 @@ Reconstruction choices:
 
 EXPECTED_CSV_HEAD = (
     "id,label,family,status,n,asked,test_acc1,test_acc1_std,test_err1,test_err1_std,delta_err,"
-    "delta_err_std,params,params_dense,param_reduction,macs,macs_dense,mac_reduction,"
-    "macs_executed,speedup,speedup_std,throughput_speedup,throughput_speedup_std,latency_ms,latency_dense_ms,epochs_done,paper,run_dir")
+    "delta_err_std,params,params_dense,param_reduction,macs_analytic,macs_dense,mac_reduction,"
+    "macs_executed,speedup,speedup_std,throughput_speedup,throughput_speedup_std,latency_ms,"
+    "latency_dense_ms,epochs_done,paper,run_dir")
 
 
 def test_render_markdown_and_csv_exactly(toy):
@@ -268,7 +270,7 @@ def test_every_status_and_partial_seeds(tmp_path):
     res = collect(table, tmp_path)
     got = {(r.row.id, r.seed): (r.status, r.reason) for r in res}
     assert got[("kron_a", 0)][0] == "failed" and "unreadable" in got[("kron_a", 0)][1]
-    assert got[("kron_a", 1)] == ("failed", "results lack params, params_dense, macs, "
+    assert got[("kron_a", 1)] == ("failed", "results lack params, params_dense, macs_executed, "
                                             "macs_dense")
     assert got[("kron_b", 0)] == ("failed", "no results.json")
     assert got[("lowrank", 1)] == ("incomplete", "stopped after 1/2 epochs")
@@ -373,14 +375,14 @@ def test_paper_cell_says_not_stated_unless_given():
     # format check only (not a paper number): a stated value is shown with its unit
     assert R.paper_cell({"speedup": 2.0, "error": 5.0}) == "error 5.0%, 2.0x speedup"
     with pytest.raises(ValueError, match="paper keys"):
-        table_from_dict({**DECL, "rows": [{"id": "x", "experiment": "e", "paper": {"bleu": 1}}]})
+        table_from_dict({**DECL, "rows": [{"id": "x", "preset": "e", "paper": {"bleu": 1}}]})
 
 
 def test_declarations_reject_bad_input():
     with pytest.raises(ValueError, match="reference 'nope' is not a row id"):
         table_from_dict({**DECL, "reference": "nope"})
     with pytest.raises(ValueError, match="family must be one of"):
-        table_from_dict({**DECL, "rows": [{"id": "x", "experiment": "e", "family": "sparse"}]})
+        table_from_dict({**DECL, "rows": [{"id": "x", "preset": "e", "family": "sparse"}]})
     with pytest.raises(ValueError, match="duplicate row ids"):
         table_from_dict({**DECL, "rows": [DECL["rows"][0], DECL["rows"][0]]})
     with pytest.raises(ValueError, match="no table 'nope'"):
@@ -405,7 +407,7 @@ def test_run_skips_runs_with_results_unless_redo(toy, capsys):
     printed = capsys.readouterr().out
     assert "skip dense seed 1" in printed
     assert "running 1 row(s) x seeds 1: kron_b" in printed
-    assert "experiment=toy_table/lowrank,toy_table/large seed=0,1 " in printed
+    assert "preset=toy_table/lowrank,toy_table/large seed=0,1 " in printed
     assert run_table(table, rows=["dense"], out=out) == 0  # all done: nothing launched
     assert "nothing to run" in capsys.readouterr().out
     run_table(table, rows=["dense"], out=out, seeds=3, dry_run=True)  # more seeds: new only
@@ -416,7 +418,7 @@ def test_run_skips_runs_with_results_unless_redo(toy, capsys):
     # the same overrides in another spelling (Hydra saves booleans as True/False) are not stale
     res = run_dir("toy", table.row("dense"), out, 0) / "results.json"
     res.write_text(json.dumps({**json.loads(res.read_text()), "overrides": [
-        "experiment=toy_table/dense", "seed=0", "data=synth_svhn", "progress=False"]}))
+        "preset=toy_table/dense", "seed=0", "data=synth_svhn", "progress=False"]}))
     todo, skipped = pending(table, table.rows[:1], out, False, extra=["progress=false"])
     assert not todo and ids(skipped) == [("dense", 0)]
     # a repeated key counts once (the last value wins, as in Hydra); the launcher is ignored
@@ -434,11 +436,11 @@ def test_multirun_command(toy):
     cmd = multirun_command(table, table.rows[:2], out, launcher="joblib", extra=["epochs=1"],
                            seeds=[0, 2])
     assert cmd[1:6] == ["-c", "from kron.train import main; main()", "-m",
-                        "experiment=toy_table/dense,toy_table/kron_a", "seed=0,2"]
+                        "preset=toy_table/dense,toy_table/kron_a", "seed=0,2"]
     assert "data=synth_svhn" in cmd and "epochs=1" in cmd and "launcher=joblib" in cmd
     assert f"hydra.sweep.dir={(out / 'tables' / 'toy' / 'runs').resolve()}" in cmd
-    assert "hydra.sweep.subdir=${hydra:runtime.choices.experiment}/seed${seed}" in cmd
-    for bad in ("seed=0,1", "seed=3", "experiment=x", "lr=glob(*)", "hydra.sweep.dir=x"):
+    assert "hydra.sweep.subdir=${hydra:runtime.choices.preset}/seed${seed}" in cmd
+    for bad in ("seed=0,1", "seed=3", "preset=x", "lr=glob(*)", "hydra.sweep.dir=x"):
         with pytest.raises(ValueError):
             check_overrides([bad])
     check_overrides(["+data.transforms.train.resize=[64,64]", "hydra.searchpath=[file:///x]"])
@@ -557,15 +559,15 @@ def test_sweep_writes_runnable_experiments(tmp_path):
     assert table.rows[0].id == "base" and len(table.rows) == len(points) + 1
     assert not any(o.startswith("layers=") for o in table.overrides)
     p = points[0]
-    got = compose_train([f"experiment={table.row(p.id).experiment}", *table.overrides])
+    got = compose_train([f"preset={table.row(p.id).preset}", *table.overrides])
     spec = dict(got.layers)
     assert list(spec)[-1] == "classifier.fc2"  # last: wins over any glob of the base spec
     assert [list(t) for t in spec["classifier.fc2"]["terms"]] == [list(p.shape.a_shape)]
     assert spec["features.conv2"] == cfg.layers["features.conv2"]  # the rest as configured
     with pytest.raises(ValueError, match="matches no Linear/Conv2d"):
         enumerate_points(cfg, ["classifier.fc9"], param_ratio=0.1)
-    with pytest.raises(ValueError, match="generates its own experiments"):
-        compose_base(["experiment=svhn_dense"])
+    with pytest.raises(ValueError, match="generates its own presets"):
+        compose_base(["preset=svhn_dense"])
 
 
 def test_sweep_cli_dry_run(tmp_path, capsys):
@@ -597,7 +599,7 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     assert [q.name for q in p.parent.iterdir()] == ["t.md"]
 
 
-def test_results_from_an_edited_experiment_config_are_stale(tmp_path):
+def test_results_from_an_edited_preset_are_stale(tmp_path):
     """Same overrides, but the config they compose to changed since the run: rerun it."""
     import json
 

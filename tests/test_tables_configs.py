@@ -1,4 +1,4 @@
-"""Every declared table's rows: the experiment configs compose, their layer specs fit the nets,
+"""Every declared table's rows: the presets compose, their layer specs fit the nets,
 and (slow) each row trains one tiny step on synthetic data through ``kron.train``."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PAPER_TABLES = {"svhn", "scenetext", "imagenet", "hwdb"}
 
 def compose_row(table: str, row: str, extra: list[str] = ()):
     t = TABLES[table]
-    over = [f"experiment={t.row(row).experiment}", *t.overrides, *t.smoke, *extra]
+    over = [f"preset={t.row(row).preset}", *t.overrides, *t.smoke, *extra]
     return compose_train(over), over
 
 
@@ -51,10 +51,10 @@ def test_every_paper_table_is_declared():
     assert demo.seeds == 2 and "data=synth_svhn_hard" in demo.overrides
 
 
-def test_every_experiment_file_belongs_to_a_table():
-    used = {r.experiment for t in TABLES.values() for r in t.rows}
-    files = {p.relative_to(CONFIGS / "experiment").with_suffix("").as_posix()
-             for p in (CONFIGS / "experiment").glob("*_table/*.yaml")
+def test_every_preset_file_belongs_to_a_table():
+    used = {r.preset for t in TABLES.values() for r in t.rows}
+    files = {p.relative_to(CONFIGS / "preset").with_suffix("").as_posix()
+             for p in (CONFIGS / "preset").glob("*_table/*.yaml")
              if not p.name.startswith("_")}
     assert files == used
 
@@ -63,7 +63,7 @@ def test_every_experiment_file_belongs_to_a_table():
 def test_row_composes_and_its_layers_fit(table, row):
     cfg, _ = compose_row(table, row)
     t = TABLES[table]
-    assert cfg.wandb.name == t.row(row).experiment  # how render --wandb finds the row
+    assert cfg.wandb.name == t.row(row).preset  # how render --wandb finds the row
     spec = OmegaConf.to_container(cfg.layers, resolve=True)
     assert (t.row(row).family == "dense") == (not spec)
     if fitted(cfg):
@@ -106,8 +106,8 @@ def test_kron_tables_run_render_and_skip(tmp_path):
                       "data.synth.n_test=16", "data.loader.num_workers=0", "model.width=0.25",
                       "batch_size=16", "epochs=1", "measure.repeats=2", "measure.warmup=1",
                       "measure.batch_size=4", "progress=false", "threads=1"],
-        "rows": [{"id": "dense", "experiment": "svhn_table/dense", "family": "dense"},
-                 {"id": "kron", "experiment": "svhn_table/kron_c16", "family": "kron"}]}))
+        "rows": [{"id": "dense", "preset": "svhn_table/dense", "family": "dense"},
+                 {"id": "kron", "preset": "svhn_table/kron_c16", "family": "kron"}]}))
     env = {**os.environ, "KRON_EXPERIMENTS": str(exp), "WANDB_MODE": "disabled"}
     out = tmp_path / "out"
 

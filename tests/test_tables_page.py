@@ -17,9 +17,9 @@ from kron.tables.run import composed_config, job_overrides
 
 TABLE = {"name": "tiny", "title": "Tiny table", "reference": "dense", "headline": False,
          "overrides": ["data=synth_svhn"],
-         "rows": [{"id": "dense", "experiment": "svhn_table/dense", "label": "Dense",
+         "rows": [{"id": "dense", "preset": "svhn_table/dense", "label": "Dense",
                    "family": "dense"},
-                  {"id": "lowrank_fc", "experiment": "svhn_table/lowrank_fc",
+                  {"id": "lowrank_fc", "preset": "svhn_table/lowrank_fc",
                    "label": "Low-rank FC", "family": "lowrank"}]}
 
 
@@ -28,7 +28,7 @@ def record(table, row, seed, acc, seconds):
     the row's overrides compose to now (so it is not stale)."""
     overrides = job_overrides(table, table.row(row), seed=seed)
     config = composed_config(overrides)
-    return {"test_acc1": acc, "params": 100, "params_dense": 400, "macs": 10,
+    return {"test_acc1": acc, "params": 100, "params_dense": 400, "macs_executed": 10,
             "macs_analytic": 10, "macs_dense": 40, "speedup": 2.0, "latency_ms": 1.0,
             "latency_dense_ms": 2.0, "epochs_done": config["epochs"], "config": config,
             "history": [{"train_seconds": seconds}], "overrides": overrides}
@@ -50,7 +50,7 @@ def tiny(tmp_path, monkeypatch):
     page = P.load_page(str(path))
     table, _ = P.section_table(page.sections[0], None)
     for row, seed, acc in (("dense", 0, 90.0), ("dense", 1, 91.0), ("lowrank_fc", 0, 80.0)):
-        rec = Path(page.records) / "tiny" / "runs" / table.row(row).experiment / f"seed{seed}"
+        rec = Path(page.records) / "tiny" / "runs" / table.row(row).preset / f"seed{seed}"
         rec.mkdir(parents=True)
         (rec / RESULTS).write_text(json.dumps(record(table, row, seed, acc, 600.0)))
     return page, table, tmp_path / "out"
@@ -119,7 +119,7 @@ def test_a_row_run_for_another_table_of_the_page_is_borrowed_not_rerun(tiny, mon
     page, table, out = tiny
     exps = Path(page.page).parent.parent / "experiments"
     twin = {**TABLE, "name": "tiny2", "rows": TABLE["rows"][:1] + [
-        {"id": "separable", "experiment": "svhn_table/separable", "label": "Separable",
+        {"id": "separable", "preset": "svhn_table/separable", "label": "Separable",
          "family": "lowrank"}]}
     (exps / "tiny2.yaml").write_text(yaml.safe_dump(twin))
     page = P.Page(page.name, page.title, page.page, page.records,

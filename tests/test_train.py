@@ -25,7 +25,7 @@ from kron.train import CKPT_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = CONFIG_DIR
-RESULT_KEYS = {"test_acc1", "params", "params_dense", "macs", "macs_dense", "latency_ms",
+RESULT_KEYS = {"test_acc1", "params", "params_dense", "macs_executed", "macs_dense", "latency_ms",
                "latency_dense_ms", "speedup", "train_images_per_s", "epochs_done", "config",
                "overrides"}
 
@@ -52,7 +52,7 @@ def test_one_epoch_writes_complete_results(tiny_data, tmp_path):
     assert saved["params_dense"] - saved["params"] == sum(
         r["params_before"] - r["params_after"] for r in rows)
     assert saved["speedup"] == pytest.approx(saved["latency_dense_ms"] / saved["latency_ms"])
-    assert saved["macs"] < saved["macs_dense"]
+    assert saved["macs_executed"] < saved["macs_dense"]
     ckpt = torch.load(tmp_path / CKPT_NAME, weights_only=True)  # a checkpoint never runs code
     assert ckpt["epoch"] == 1 and isinstance(ckpt["config"], str)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
@@ -74,7 +74,7 @@ def test_one_epoch_writes_complete_results(tiny_data, tmp_path):
 
 def test_dense_layers_is_unmodified_baseline(tiny_data, tmp_path):
     res = run(tmp_path, [*tiny_data, "epochs=1", "layers=dense", "measure.enabled=false"])
-    assert res["params"] == res["params_dense"] and res["macs"] == res["macs_dense"]
+    assert res["params"] == res["params_dense"] and res["macs_executed"] == res["macs_dense"]
     assert res["surgery"] == []
 
 
@@ -190,7 +190,7 @@ def test_plan_layers_pins_auto_layers_and_records_the_plan(tiny_data, tmp_path):
                          "implementation=auto", "plan_layers=true"])
     kron_layers = {r["name"] for r in res["surgery"] if r["kind"] == "kron"}
     assert set(res["layer_plan"]) == kron_layers
-    assert set(res["layer_plan"].values()) <= {"factored", "dense", "triton"}
+    assert set(res["layer_plan"].values()) <= {"factored", "composed", "triton"}
     ckpt = torch.load(tmp_path / CKPT_NAME, weights_only=True)
     assert not any("plan" in k for k in ckpt["model"])  # a plan is never saved as weights
 
@@ -254,7 +254,7 @@ def test_wandb_summary_carries_the_results_fields(tiny_data, tmp_path):
     summary = read_run(log).summary
     assert set(res) <= set(summary)
     assert summary["surgery"] == res["surgery"] and summary["wandb_id"] == res["wandb_id"]
-    for key in ("params", "macs", "macs_dense", "test_acc1", "speedup", "epochs_done"):
+    for key in ("params", "macs_executed", "macs_dense", "test_acc1", "speedup", "epochs_done"):
         assert summary[key] == pytest.approx(res[key]), key
 
 

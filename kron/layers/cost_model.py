@@ -3,7 +3,7 @@
 A forward on a given input is predicted to cost, in units of one multiply-accumulate (MAC) of
 the dense layer's own kernel on that device,
 
-    cost(dense)    = dense MACs                       [+ composing W, when autograd records]
+    cost(composed) = dense MACs                       [+ composing W, when autograd records]
     cost(factored) = sum over shape groups of  penalty(kind) * group MACs
     each plus      op_overhead * (number of ops it launches)
 
@@ -113,7 +113,7 @@ class Workload:
 def estimate(work: Workload, implementation: str, device_type: str, training: bool) -> float:
     """Predicted cost of ``implementation`` in dense MACs (comparable across candidates only)."""
     consts = constants_for(device_type)
-    if implementation == "dense":
+    if implementation == "composed":
         cost = float(work.dense_macs) + consts.op_overhead
         if training:  # W is composed on every training forward (and differentiated)
             per_element = sum(r + consts.compose_extra_per_element for r in work.ranks)

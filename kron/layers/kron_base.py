@@ -6,8 +6,9 @@ stacked, one parameter per distinct shape ("term group"), so that each term grou
 pair of contractions. A grouped conv is ``groups`` independent blocks, each with its own
 factors (stored block-major in the same parameter).
 
-``implementation`` chooses how the forward runs: ``"factored"`` (never builds W), ``"dense"``
-(composes W, cached while no gradient is needed), ``"triton"`` (KronLinear on CUDA), or
+``implementation`` chooses how the forward runs: ``"factored"`` (never builds W), ``"composed"``
+(composes W, cached while no gradient is needed, and runs one dense op; ``"dense"`` is its old
+name, still accepted: docs/notes/names.md), ``"triton"`` (KronLinear on CUDA), or
 ``"auto"``: a deterministic cost model of the layer's shapes, the input shape, the device type
 and whether autograd records (:mod:`kron.layers.cost_model`), unless a measured plan pinned a
 choice (``planned_implementation``, set by :mod:`kron.planning`). Nothing is timed in the
@@ -52,6 +53,15 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+#: old implementation names, accepted wherever a name comes in (docs/notes/names.md)
+OLD_IMPLEMENTATIONS = {"dense": "composed"}
+
+
+def implementation_name(name: str) -> str:
+    """Today's name of an implementation (``"dense"`` -> ``"composed"``; others unchanged)."""
+    return OLD_IMPLEMENTATIONS.get(name, name)
+
+
 class KroneckerSum(nn.Module):
     """Factors of ``blocks`` independent sums of Kronecker products, each of ``block_shape``.
 
@@ -61,13 +71,14 @@ class KroneckerSum(nn.Module):
     formulas and the cost-model workload.
     """
 
-    implementations: tuple[str, ...] = ("auto", "factored", "dense")
+    implementations: tuple[str, ...] = ("auto", "factored", "composed")
 
     def __init__(self, block_shape: Shape, blocks: int, terms: Sequence[Sequence[int]],
                  bias: bool, implementation: str, device: torch.device | str | None,
                  dtype: torch.dtype | None) -> None:
         super().__init__()
         name = type(self).__name__
+        implementation = implementation_name(implementation)
         if implementation not in self.implementations:
             raise FactorizationError(
                 f"{name}: implementation={implementation!r} is not available; use one of "
@@ -228,7 +239,7 @@ class KroneckerSum(nn.Module):
 
     def candidates(self, device_type: str) -> list[str]:
         """The implementations ``auto`` chooses between on ``device_type``."""
-        return ["factored", "dense"]
+        return ["factored", "composed"]
 
     def rule_implementation(self, input_shape: Sequence[int], device_type: str,
                             training: bool) -> str:
@@ -262,7 +273,8 @@ class KroneckerSum(nn.Module):
         kind = x.device.type
         dtype = (torch.get_autocast_dtype(kind)
                  if x.is_floating_point() and torch.is_autocast_enabled(kind) else None)
-        if implementation == "dense":
+        implementation = implementation_name(implementation)
+        if implementation == "composed":
             return self._forward_dense(x)
         if dtype is not None:
             x = x.to(dtype)
@@ -303,13 +315,13 @@ class KroneckerSum(nn.Module):
         ``implementation="auto"`` counts what a forward would run: the plan, else the cost
         model's choice for ``device_type`` (default: the parameters' device) and
         ``training``. ``"triton"`` does the factored MACs."""
-        impl = implementation or self.implementation
+        impl = implementation_name(implementation or self.implementation)
         if impl == "auto":
             impl = self.planned_implementation
             if impl is None and implementation == "auto":
                 impl = self.rule_implementation(
                     input_shape, device_type or self.a_factors[0].device.type, training)
-        if impl == "dense":
+        if impl == "composed":
             return self.dense_macs(input_shape)
         return sum(self.group_macs(input_shape))
 

@@ -31,7 +31,7 @@ class KronLinear(KroneckerSum):
     keeps, so that each chunk stays in cache between the two GEMMs.
     """
 
-    implementations = ("auto", "factored", "dense", "triton")
+    implementations = ("auto", "factored", "composed", "triton")
     inference_chunk_floats: int = 1 << 18
 
     def __init__(
@@ -151,7 +151,7 @@ class KronLinear(KroneckerSum):
                                    tuple(r for _, r in self.term_groups), factored)
 
     def candidates(self, device_type: str) -> list[str]:
-        found = ["factored", "dense"]
+        found = ["factored", "composed"]
         if device_type == "cuda" and torch.cuda.is_available() and self._triton_ok():
             found.append("triton")
         return found

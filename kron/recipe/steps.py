@@ -385,12 +385,13 @@ def measure_against_dense(s: MeasureSettings, job: Job, net: Net, shape: tuple[i
     one = (1, *shape)
     out: dict[str, Any] = {
         "params": measure.count_params(model), "params_dense": measure.count_params(dense),
-        "macs": measure.count_macs(model, one), "macs_dense": measure.count_macs(dense, one)}
+        "macs_executed": measure.count_macs(model, one),
+        "macs_dense": measure.count_macs(dense, one)}
     # the surgered layers' formula count (what FlopCounterMode saw may be a dense path)
     out["macs_analytic"] = measure.surgered_macs(out["macs_dense"],
                                                  [r.as_dict() for r in net.rows])
     out["param_ratio"] = out["params"] / out["params_dense"]
-    out["mac_ratio"] = out["macs"] / out["macs_dense"]
+    out["mac_ratio"] = out["macs_executed"] / out["macs_dense"]
     if s.enabled:
         out.update(_speed(s, job, model, dense, shape))
     else:

@@ -20,7 +20,7 @@ from kron.tables.results import RunResult, by_row
 #: what a row can show: every seed finished, some did, or the most advanced state of any
 ROW_STATUSES = ("ok", "partial", "incomplete", "failed", "missing")
 #: numbers of results.json (or derived) summarised across seeds
-KEYS = ("test_acc1", "test_err1", "params", "params_dense", "param_reduction", "macs",
+KEYS = ("test_acc1", "test_err1", "params", "params_dense", "param_reduction", "macs_analytic",
         "macs_dense", "mac_reduction", "macs_executed", "speedup", "throughput_speedup",
         "latency_ms", "latency_dense_ms", "epochs_done")
 
@@ -71,16 +71,17 @@ def _div(d: dict[str, Any], a: str, b: str) -> float | None:
 
 
 def run_numbers(data: dict[str, Any]) -> dict[str, Any]:
-    """One run's numbers, with the derived ones: error, reductions, and ``macs`` as the
-    factored layers' analytic count (``macs_analytic``: ``implementation=auto`` may run a
-    layer composed, which hides the reduction; ``macs_executed`` is what ran)."""
+    """One run's numbers, with the derived ones: error and reductions. The MAC reduction is
+    of ``macs_analytic``, the factored layers' formula count (``implementation=auto`` may run
+    a layer composed, which hides the reduction; ``macs_executed`` is what ran, counted by
+    FlopCounterMode); a record without an analytic count uses its executed one."""
     d = {k: data.get(k) for k in KEYS}
-    d["macs_executed"] = data.get("macs")
-    d["macs"] = data.get("macs_analytic", data.get("macs"))
+    if d["macs_analytic"] is None:
+        d["macs_analytic"] = d["macs_executed"]
     acc = data.get("test_acc1")
     d["test_err1"] = None if acc is None else 100.0 - float(acc)
     d["param_reduction"] = _div(d, "params_dense", "params")
-    d["mac_reduction"] = _div(d, "macs_dense", "macs")
+    d["mac_reduction"] = _div(d, "macs_dense", "macs_analytic")
     return d
 
 

@@ -10,7 +10,7 @@
     kron-tables demo
     kron-tables results [PAGE] [--hours 2] [--dry-run]   (docs/results.md; resumable)
 
-Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/<experiment>/seed<k>/,
+Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/<preset>/seed<k>/,
 table.md, table.csv (one line per row), runs.csv (one per run), table.tex,
 error_vs_params.png/.pdf, error_vs_speedup.png/.pdf; a frontier adds frontier.md and
 frontier_params.png/.pdf, frontier_speedup.png/.pdf.
@@ -119,7 +119,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "raise --max-points", file=sys.stderr)
         return 2
     table = write_sweep(args.name, cfg, points, args.overrides, args.out, budget)
-    print(f"wrote {table_dir(table.name, args.out) / 'table.yaml'} and its experiment configs")
+    print(f"wrote {table_dir(table.name, args.out) / 'table.yaml'} and its presets")
     return run_and_render(table, args)
 
 
@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     table = load_table(DEMO_TABLE)
-    cfg = compose_train([f"experiment={table.rows[0].experiment}", *table.overrides])
+    cfg = compose_train([f"preset={table.rows[0].preset}", *table.overrides])
     print(f"[demo] synthetic SVHN in {cfg.data.root} (rendered on first use)", flush=True)
     ensure_synth_svhn(cfg.data.root, **cfg.data.synth)
     seeds = args.seeds or table.seeds

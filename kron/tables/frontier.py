@@ -60,17 +60,18 @@ def parse_list(text: str, what: str, cast=str) -> list:
 
 
 def base_overrides(target: str, overrides: Sequence[str]) -> tuple[str, list[str], str | None]:
-    """(name, overrides of the dense base run, the experiment it starts from) for a declared
+    """(name, overrides of the dense base run, the preset it starts from) for a declared
     table (its reference row and shared overrides) or a model config name."""
-    bad = [o for o in overrides if o.split("=")[0].lstrip("+~") in ("experiment", "layers")]
+    bad = [o for o in overrides
+           if o.split("=")[0].lstrip("+~") in ("preset", "experiment", "layers")]
     if bad:
-        raise ValueError(f"{bad[0]!r}: the frontier sets the experiment and layers itself; "
+        raise ValueError(f"{bad[0]!r}: the frontier sets the preset and layers itself; "
                          "pass the model/data overrides only")
     if target in list_tables():
         table = load_table(target)
         if table.reference is None:
             raise ValueError(f"table {target!r} has no reference (dense) row to start from")
-        exp = table.row(table.reference).experiment
+        exp = table.row(table.reference).preset
         return target, [*table.overrides, *overrides], exp
     from kron.paths import CONFIG_DIR
 
@@ -81,11 +82,10 @@ def base_overrides(target: str, overrides: Sequence[str]) -> tuple[str, list[str
     return target, [f"model={target}", *overrides], None
 
 
-def base_config(overrides: Sequence[str], experiment: str | None):
-    """The training config the frontier starts from: ``experiment`` (else the dense layers)
+def base_config(overrides: Sequence[str], preset: str | None):
+    """The training config the frontier starts from: ``preset`` (else the dense layers)
     with ``overrides``."""
-    return compose_train([*([f"experiment={experiment}"] if experiment else ["layers=dense"]),
-                          *overrides])
+    return compose_train([*([f"preset={preset}"] if preset else ["layers=dense"]), *overrides])
 
 
 def swappable(cfg: Any, patterns: Sequence[str] | None = None) -> dict[str, nn.Module]:
@@ -172,7 +172,7 @@ def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float
                    budget_key: str = "param_ratio", overrides: Sequence[str] = (),
                    layers: Sequence[str] | None = None, out: str | Path | None = None,
                    seeds: int = 1) -> tuple[Table, list[str]]:
-    """Write the frontier's experiment configs and ``table.yaml``; return the table and the
+    """Write the frontier's presets and ``table.yaml``; return the table and the
     points left out (infeasible budgets, each with its reason)."""
     _check_budgets(budget_key, budgets)
     name, base_over, base_exp = base_overrides(target, overrides)
@@ -182,12 +182,12 @@ def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float
     if not points:
         raise ValueError("no family fits any budget: " + "; ".join(skipped))
     gen = GeneratedTable.at(f"frontier_{name}", out, "frontier")
-    # the base experiment as an option of the experiment group (its own relative defaults then
+    # the base preset as an option of the preset group (its own relative defaults then
     # resolve as when it is chosen on the command line); a model: the dense layers
-    defaults = [{"/experiment@_here_": base_exp}] if base_exp else DENSE_DEFAULTS
-    dense = base_exp or gen.write_experiment("dense", DENSE_DEFAULTS, {},
+    defaults = [{"/preset@_here_": base_exp}] if base_exp else DENSE_DEFAULTS
+    dense = base_exp or gen.write_preset("dense", DENSE_DEFAULTS, {},
                                              "the dense net (reference row)")
-    rows = [{"id": "dense", "experiment": dense, "label": "dense", "family": "dense"},
+    rows = [{"id": "dense", "preset": dense, "label": "dense", "family": "dense"},
             *gen.write_points(points, defaults)]
     return gen.write_table({
         "name": gen.name, "title": f"Frontier of {name}: error against cost at matched "

@@ -5,7 +5,7 @@ folder (e.g. docs/results/), so the page can be built over several invocations.
 A page (``experiments/pages/<name>.yaml``) lists sections, each a declared table or a frontier
 (``kron-tables frontier``) with its seeds and overrides. One invocation:
 
-1. copies every committed record (``<records>/<table>/runs/<experiment>/seed<k>/results.json``)
+1. copies every committed record (``<records>/<table>/runs/<preset>/seed<k>/results.json``)
    back into the outputs tree, where ``kron-tables run`` looks for finished runs (a record whose
    overrides or composed config no longer match is rerun, as ``run`` decides);
 2. runs the missing (row, seed) runs one row at a time, until the next row would not finish
@@ -115,12 +115,12 @@ def section_table(section: Section, out: str | Path | None) -> tuple[Table, tupl
     return table, ()
 
 
-def _record(records: Path, table: str, experiment: str, seed: int) -> Path | None:
+def _record(records: Path, table: str, preset: str, seed: int) -> Path | None:
     """The committed record of a run: the table's own, else the same row config run for
     another table of the page (a frontier's dense row is the SVHN table's dense row). Whether
     it still matches what this table asks (overrides, composed config) is ``kron-tables
     run``'s check, so a borrowed record that differs is rerun."""
-    rel = Path("runs") / experiment / f"seed{seed}" / RESULTS
+    rel = Path("runs") / preset / f"seed{seed}" / RESULTS
     own = records / table / rel
     if own.is_file():
         return own
@@ -132,7 +132,7 @@ def restore(table: Table, records: Path, out: str | Path | None, seeds: int) -> 
     n = 0
     for row in table.rows:
         for s in range(seeds):
-            rec = _record(records, table.name, row.experiment, s)
+            rec = _record(records, table.name, row.preset, s)
             dst = run_dir(table.name, row, out, s) / RESULTS
             if rec is not None and not dst.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def keep(table: Table, records: Path, out: str | Path | None, seeds: int) -> int
     for row in table.rows:
         for s in range(seeds):
             src = run_dir(table.name, row, out, s) / RESULTS
-            dst = records / table.name / "runs" / row.experiment / f"seed{s}" / RESULTS
+            dst = records / table.name / "runs" / row.preset / f"seed{s}" / RESULTS
             if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
                 atomic_write_text(dst, src.read_text())
                 n += 1

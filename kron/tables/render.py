@@ -24,11 +24,11 @@ DASH = "–"
 PM = "±"
 CSV_FIELDS = ("id", "label", "family", "status", "n", "asked",
               *(k for key in ("test_acc1", "test_err1", "delta_err") for k in (key, key + "_std")),
-              "params", "params_dense", "param_reduction", "macs", "macs_dense", "mac_reduction",
-              "macs_executed", "speedup", "speedup_std", "throughput_speedup",
+              "params", "params_dense", "param_reduction", "macs_analytic", "macs_dense",
+              "mac_reduction", "macs_executed", "speedup", "speedup_std", "throughput_speedup",
               "throughput_speedup_std", "latency_ms", "latency_dense_ms",
               "epochs_done", "paper", "run_dir")
-RUN_FIELDS = ("id", "seed", "status", "test_acc1", "params", "macs_analytic", "macs",
+RUN_FIELDS = ("id", "seed", "status", "test_acc1", "params", "macs_analytic", "macs_executed",
               "speedup", "latency_batch_size", "throughput_speedup", "throughput_batch_size",
               "latency_ms", "latency_dense_ms", "epochs_done", "reason", "run_dir")
 COLUMNS = ("Row", "Family", "n", "Top-1 (%)", "Error (%)", "Δ error", "Params", "Param. red.",
@@ -112,9 +112,9 @@ def _cells(m: dict[str, Any], mark: Callable[[str], str]) -> list[str]:
     n = str(m["n"]) if m["n"] == m["asked"] else f"{m['n']}/{m['asked']}"
     mean = (lambda s: None if s is None else s.mean)  # noqa: E731
     return [m["label"], m["family"], n, num(m["test_acc1"]), num(m["test_err1"]), delta,
-            human(mean(m["params"])), ratio_stat(m["param_reduction"]), human(mean(m["macs"])),
-            ratio_stat(m["mac_reduction"]), ratio_stat(m["speedup"]),
-            ratio_stat(m["throughput_speedup"]), m["paper"],
+            human(mean(m["params"])), ratio_stat(m["param_reduction"]),
+            human(mean(m["macs_analytic"])), ratio_stat(m["mac_reduction"]),
+            ratio_stat(m["speedup"]), ratio_stat(m["throughput_speedup"]), m["paper"],
             _status(m, mark)]
 
 
@@ -263,9 +263,9 @@ def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = 
             + "; Δ error is in points against the reference row "
             f"({table.reference or 'none'}), taken per seed pair. Param./MAC reduction and "
             "speedup are against each run's own dense twin (same net, no layer swapped), "
-            "speedup measured in the same process"
-            + _batch_sizes(rows) + "; MACs are per image, of the factored layers "
-            "(table.csv's macs_executed: what ran)."]
+            "speedup measured in the same process" + _batch_sizes(rows)
+            + "; MACs are per image, counted analytically from the factored layers "
+            "(table.csv's macs_analytic; macs_executed: what ran)."]
     extra = separation_lines(rows)
     if table.headline:
         extra = [f"Paper's headline: {PAPER_HEADLINE}.", *claim_lines(rows, table), *extra]

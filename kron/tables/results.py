@@ -1,7 +1,7 @@
 """Where a table's runs live, and reading their ``results.json`` (or W&B summaries).
 
-Each (row, seed) runs in ``<out>/tables/<table>/runs/<experiment>/seed<k>/`` (Hydra's multirun
-subdir is the experiment's name and the seed), so ``kron-tables run`` and ``render`` agree on
+Each (row, seed) runs in ``<out>/tables/<table>/runs/<preset>/seed<k>/`` (Hydra's multirun
+subdir is the preset's name and the seed), so ``kron-tables run`` and ``render`` agree on
 paths without a manifest. A run is never dropped; its status is one of (docs/design.md, D9):
 
 - ``ok``: a results.json with every number a table needs;
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kron.tables import renames
 from kron.tables.spec import Row, Table
 
 RESULTS = "results.json"
 CHECKPOINT = "last.pt"  # kron.train's per-epoch checkpoint (CKPT_NAME)
-NEEDED = ("test_acc1", "params", "params_dense", "macs", "macs_dense")
+NEEDED = ("test_acc1", "params", "params_dense", "macs_executed", "macs_dense")
 
 
 def outputs_root() -> Path:
@@ -48,8 +49,8 @@ def seed_dirname(seed: int) -> str:
 
 
 def row_dir(table: str, row: Row, out: str | Path | None = None) -> Path:
-    """``runs/<experiment>``: the folder holding one ``seed<k>`` folder per seed of ``row``."""
-    return runs_dir(table, out) / row.experiment
+    """``runs/<preset>``: the folder holding one ``seed<k>`` folder per seed of ``row``."""
+    return runs_dir(table, out) / row.preset
 
 
 def run_dir(table: str, row: Row, out: str | Path | None = None, seed: int = 0) -> Path:
@@ -105,8 +106,11 @@ def classify(row: Row, data: dict[str, Any] | None, path: Path | None, exists: b
     """Status of one run from its (possibly absent) results dict.
 
     ``epochs_done``: how far a run without complete results got (from its checkpoint or its
-    W&B summary's ``epoch``); fewer than the config's epochs makes it incomplete.
+    W&B summary's ``epoch``); fewer than the config's epochs makes it incomplete. Fields
+    under an older name (``macs``: the executed count) are read under today's
+    (:mod:`kron.tables.renames`), so old records render as new ones.
     """
+    data = None if data is None else renames.results(data)
     if data is None and not exists:
         return RunResult(row, "missing", path=path, reason="not run", seed=seed)
     absent = [k for k in NEEDED if (data or {}).get(k) is None]
@@ -200,12 +204,12 @@ def collect_wandb(table: Table, project: str, api: Any = None,
             pool[key] = run
     n = seeds if seeds is not None else max(
         [table.seeds] + [s + 1 for (name, s) in {**finished, **other}
-                         if name in {r.experiment for r in table.rows}])
+                         if name in {r.preset for r in table.rows}])
     out = []
     for row in table.rows:
         for seed in range(n):
-            out.append(_wandb_result(row, seed, finished.get((row.experiment, seed)),
-                                     other.get((row.experiment, seed))))
+            out.append(_wandb_result(row, seed, finished.get((row.preset, seed)),
+                                     other.get((row.preset, seed))))
     return out
 
 

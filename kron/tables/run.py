@@ -1,10 +1,11 @@
 """Launch a table's runs as Hydra multiruns of ``kron.train``, each row with N seeds.
 
-Rows are swept over ``experiment=`` and ``seed=``; each run lands in
-``<out>/tables/<table>/runs/<experiment>/seed<k>/`` (``hydra.sweep.subdir`` is the experiment's
+Rows are swept over ``preset=`` and ``seed=``; each run lands in
+``<out>/tables/<table>/runs/<preset>/seed<k>/`` (``hydra.sweep.subdir`` is the preset's
 name and the seed), which is where ``render`` looks. Runs whose ``results.json`` exists are
 skipped unless ``redo``, or it was made with other overrides or a config that now composes
-differently (an edited table or experiment file); a rerun's old folder is renamed, not deleted.
+differently (an edited table or preset file); a rerun's old folder is renamed, not deleted.
+Records written under older names compare through :mod:`kron.tables.renames`.
 Rows that lack the same seeds go in one multirun (a grid of rows x seeds), so asking for more
 seeds later runs only the new ones. ``launcher`` picks
 configs/launcher/<name>.yaml (local: one after another; joblib: local processes in parallel;
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kron.paths import CONFIG_DIR
+from kron.tables import renames
 from kron.tables.results import RESULTS, run_dir, runs_dir
 from kron.tables.spec import Row, Table
 
@@ -45,15 +47,16 @@ def select_rows(table: Table, ids: Sequence[str] | None) -> list[Row]:
 def job_overrides(table: Table, row: Row, extra: Sequence[str] = (),
                   launcher: str = "local", seed: int = 0) -> list[str]:
     """The overrides one run's job sees (what kron.train saves as ``overrides``)."""
-    return [f"experiment={row.experiment}", f"seed={seed}", *table.overrides, *extra,
+    return [f"preset={row.preset}", f"seed={seed}", *table.overrides, *extra,
             *([f"launcher={launcher}"] if launcher != "local" else [])]
 
 
 def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = (),
           launcher: str = "local", seed: int = 0) -> bool:
     """True when the run's results.json was made with other overrides than these, or with a
-    config that differs from what these overrides compose to now (an edited experiment or base
-    config file)."""
+    config that differs from what these overrides compose to now (an edited preset or base
+    config file). Old names in the record (``experiment=``, see :mod:`kron.tables.renames`)
+    compare as today's."""
     try:
         saved = json.loads((run_dir(table.name, row, out, seed) / RESULTS).read_text())
     except (OSError, ValueError):
@@ -70,7 +73,7 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
 
 def composed_config(overrides: Sequence[str]) -> dict | None:
     """The resolved training config these overrides compose to, or None if they do not
-    compose here (e.g. a table whose experiment files live elsewhere)."""
+    compose here (e.g. a table whose preset files live elsewhere)."""
     from omegaconf import OmegaConf
 
     from kron.config_compose import compose_train
@@ -82,26 +85,30 @@ def composed_config(overrides: Sequence[str]) -> dict | None:
 
 
 def comparable_config(config: dict) -> dict:
-    """A config without what does not change a run's result: how data is loaded, and where
-    the run ran (launcher) or resumed from."""
-    config = json.loads(json.dumps(config, default=str))
-    config.get("data", {}).pop("loader", None)
+    """A config without what does not change a run's result: how data is loaded, where the
+    run ran (launcher) or resumed from, and where its log went (``wandb.mode``, which follows
+    ``$WANDB_MODE``); renamed keys and values under today's names."""
+    # a record's config, which may predate a key (hence .get, not indexing)
+    record = renames.config(json.loads(json.dumps(config, default=str)))
+    record.get("data", {}).pop("loader", None)
+    record.get("wandb", {}).pop("mode", None)
     for key in ("resume", "resume_force", "progress", "log_every"):
-        config.pop(key, None)
-    return config
+        record.pop(key, None)
+    return record
 
 
 def _normal(overrides: Sequence[str]) -> list[str]:
     """Overrides in a comparable form, as Hydra applies them: parsed (``progress=false`` ==
     ``progress=False``), the last value of a repeated key winning, the launcher and
-    ``hydra.*`` keys ignored."""
+    ``hydra.*`` keys ignored, old names (``experiment=``) under today's (``preset=``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - unparsable: compare the text
         return sorted(overrides)
-    last = {o.get_key_element(): f"{o.value()!r}" for o in parsed}
+    last = dict(renames.override(o.get_key_element(), o.value()) for o in parsed)
+    last = {k: f"{v!r}" for k, v in last.items()}
     last.pop("launcher", None)  # where a run ran does not change its result
     # hydra.* (e.g. hydra.launcher.tasks_per_node) says how a run is launched, not what it
     # computes; results.json records only the task's overrides, so compare without them
@@ -157,8 +164,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
     """Reject overrides that would break the one-folder-per-row layout."""
     for o in overrides:
         key, _, value = o.partition("=")
-        if key.lstrip("+~") == "experiment":
-            raise ValueError(f"override {o!r}: rows choose the experiment; use --rows instead")
+        if key.lstrip("+~") in ("preset", "experiment"):
+            raise ValueError(f"override {o!r}: rows choose the preset; use --rows instead")
         if key.lstrip("+~") == "seed":
             raise ValueError(f"override {o!r}: rows run seeds 0..N-1; use --seeds N instead")
         if key.startswith("hydra.sweep"):
@@ -183,11 +190,11 @@ def multirun_command(table: Table, rows: Sequence[Row], out: str | Path | None =
     # main imported from kron.train, not run as __main__: the joblib launcher pickles it, and a
     # function of __main__ would be pickled by value (with unpicklable torch module globals)
     cmd = [sys.executable, "-c", ENTRY, "-m",
-           "experiment=" + ",".join(r.experiment for r in rows),
+           "preset=" + ",".join(r.preset for r in rows),
            "seed=" + ",".join(str(int(s)) for s in seeds),
            *table.overrides, *extra,
            f"hydra.sweep.dir={sweep_dir}",
-           "hydra.sweep.subdir=${hydra:runtime.choices.experiment}/seed${seed}"]  # seed_dirname
+           "hydra.sweep.subdir=${hydra:runtime.choices.preset}/seed${seed}"]  # seed_dirname
     if launcher != "local":
         cmd.append(f"launcher={launcher}")
     return cmd

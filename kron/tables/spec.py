@@ -1,9 +1,10 @@
 """Paper tables as data: each ``experiments/<name>.yaml`` declares one table's runs.
 
-A table is a list of rows; each row is one Hydra experiment config (``configs/experiment/``)
-plus what the paper states about it. Shared ``overrides`` (e.g. the dataset) apply to every
-run; ``smoke`` overrides make each row runnable on tiny synthetic data (the tests use them). A
-table may ``extends`` another and pick a subset of its rows (the demo table does).
+A table is a list of rows; each row is one Hydra preset (``configs/preset/``, chosen with
+``preset=<name>``) plus what the paper states about it. Shared ``overrides`` (e.g. the dataset)
+apply to every run; ``smoke`` overrides make each row runnable on tiny synthetic data (the
+tests use them). A table may ``extends`` another and pick a subset of its rows (the demo table
+does).
 """
 
 from __future__ import annotations
@@ -21,21 +22,24 @@ from kron.paths import EXPERIMENTS_DIR
 #: low-rank kind; the frontier names separable, CP and Tucker-2 convolutions apart)
 FAMILIES = ("dense", "kron", "lowrank", "separable", "cp", "tucker")
 PAPER_KEYS = ("acc1", "error", "params", "param_reduction", "speedup")
-#: The only numbers the paper is known to state here (its abstract); which experiment they
-#: come from is not stated.
+#: The only numbers the paper is known to state here (its abstract); which of its experiments
+#: they come from is not stated.
 PAPER_HEADLINE = ("3.3x speedup or 3.6x parameter reduction with less than 1% drop in "
                   "accuracy (abstract; the experiment it refers to is not stated)")
 TABLE_KEYS = {"name", "title", "paper", "reference", "overrides", "smoke", "reconstruction",
               "notes", "rows", "extends", "headline", "seeds"}
-ROW_KEYS = {"id", "experiment", "label", "family", "paper", "budget"}
+ROW_KEYS = {"id", "preset", "label", "family", "paper", "budget"}
+#: a row's ``preset`` was called ``experiment`` before (docs/notes/names.md); old spec files and
+#: generated ``table.yaml`` files still load
+OLD_ROW_KEYS = {"experiment": "preset"}
 
 
 @dataclass(frozen=True)
 class Row:
-    """One run of a table: its experiment config, display label, family and paper numbers."""
+    """One run of a table: its Hydra preset, display label, family and paper numbers."""
 
     id: str
-    experiment: str
+    preset: str
     label: str
     family: str
     paper: dict[str, Any] = field(default_factory=dict)
@@ -76,9 +80,25 @@ def list_tables(root: Path | None = None) -> list[str]:
     return sorted(p.stem for p in (root or experiments_dir()).glob("*.yaml"))
 
 
+def _renamed(table: str, raw: Any) -> Any:
+    """``raw`` with old row keys (``experiment``) under their new names (``preset``)."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for old, new in OLD_ROW_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"table {table!r}, row {raw.get('id')!r}: '{old}' is the old "
+                                 f"name of '{new}'; give only '{new}'")
+            out[new] = out.pop(old)
+    return out
+
+
 def _row(table: str, raw: Any) -> Row:
-    if not isinstance(raw, dict) or not {"id", "experiment"} <= set(raw):
-        raise ValueError(f"table {table!r}: each row needs 'id' and 'experiment', got {raw!r}")
+    raw = _renamed(table, raw)
+    if not isinstance(raw, dict) or not {"id", "preset"} <= set(raw):
+        raise ValueError(f"table {table!r}: each row needs 'id' and 'preset' (a configs/preset/ "
+                         f"name), got {raw!r}")
     bad = set(raw) - ROW_KEYS
     if bad:
         raise ValueError(f"table {table!r}, row {raw['id']!r}: unknown keys {sorted(bad)}")
@@ -91,7 +111,7 @@ def _row(table: str, raw: Any) -> Row:
         raise ValueError(f"table {table!r}, row {raw['id']!r}: paper keys must be among "
                          f"{list(PAPER_KEYS)}, got {sorted(paper)}")
     budget = raw.get("budget")
-    return Row(str(raw["id"]), str(raw["experiment"]), str(raw.get("label", raw["id"])),
+    return Row(str(raw["id"]), str(raw["preset"]), str(raw.get("label", raw["id"])),
                family, paper, None if budget is None else float(budget))
 
 

@@ -3,7 +3,7 @@
 ``kron-tables sweep NAME --layer L --param-ratio P [overrides]`` composes the training config
 (any model and data config, so also a user's own), lists each chosen layer's single-shape
 Kronecker replacements whose parameter (and/or MAC) ratio to the dense layer is within budget,
-and writes one generated experiment config per shape plus a table declaration under
+and writes one generated preset (Hydra config) per shape plus a table declaration under
 ``<out>/tables/sweep_NAME/``. The sweep then runs and renders like any declared table: its plot
 is the accuracy/cost trade-off of the shapes. Layers are swept one at a time (the others stay as
 configured); the ``base`` row is the configuration itself.
@@ -45,9 +45,9 @@ def point_id(layer: str, a_shape: Sequence[int], rank: int) -> str:
 
 def compose_base(overrides: Sequence[str]):
     """The training config the sweep starts from (``configs/train.yaml`` + ``overrides``)."""
-    bad = [o for o in overrides if o.split("=")[0].lstrip("+~") == "experiment"]
+    bad = [o for o in overrides if o.split("=")[0].lstrip("+~") in ("preset", "experiment")]
     if bad:
-        raise ValueError(f"{bad[0]!r}: a sweep generates its own experiments; pass the model, "
+        raise ValueError(f"{bad[0]!r}: a sweep generates its own presets; pass the model, "
                          "data and layers overrides directly (e.g. model=hwdb data=hwdb)")
     return compose_train(overrides)
 
@@ -97,7 +97,7 @@ def _generated_point(p: SweepPoint, base_spec: dict) -> Point:
 
 def write_sweep(name: str, cfg: Any, points: Sequence[SweepPoint], overrides: Sequence[str],
                 out: str | Path | None = None, budget: str = "") -> Table:
-    """Write the generated experiment configs and ``table.yaml``; return the sweep's table."""
+    """Write the generated presets and ``table.yaml``; return the sweep's table."""
     from omegaconf import OmegaConf
 
     gen = GeneratedTable.at(f"sweep_{name}", out, "sweep", f"sweep ({name})")
