@@ -66,8 +66,8 @@ def configure_allocator() -> str:
     threshold to 1 GiB, so per-call intermediates are recycled from the heap instead of being
     mapped and unmapped on each call. Elsewhere (macOS, Windows, a preloaded jemalloc/tcmalloc)
     it changes nothing and says so. ``KRON_ALLOCATOR=system`` in the environment opts out.
-    Called by kron's entrypoints, and by the Kronecker layers before their first CPU inference
-    (their speed there depends on it: docs/design.md, D6).
+    Called by kron's entrypoints (``kron.train``, ``kron.bench``); the layers never call it,
+    though their CPU inference speed depends on it (docs/design.md, D6).
     """
     global _configured
     if _configured is not None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kron.layers import KronConv2d, KronLinear, fit_kronecker_sum, kron_compose, nearest_kronecker
-from kron.layers.decompose import rearrange
+from kron.layers.decompose import rearrange, top_singular_triplets
 
 
 def tail_error(weight: torch.Tensor, a_shape, rank: int) -> float:
@@ -127,14 +127,25 @@ def test_agrees_with_tensorly_torch_blocktt():
 
 @pytest.mark.parametrize("rank", [1, 3])
 def test_lanczos_path_is_as_optimal_as_full_svd(monkeypatch, rank):
-    """Large rearranged matrices use ARPACK's leading triplets; the fit is still the optimum."""
-    from kron.layers import decompose
+    """Large rearranged matrices use ARPACK's leading triplets (forced here on a small one by
+    ``full_svd_max``): the singular values, descending, and the rank-R truncation are the full
+    SVD's, so the fit is still the optimum."""
+    import scipy.sparse.linalg
 
+    calls = []
+    svds = scipy.sparse.linalg.svds
+    monkeypatch.setattr(scipy.sparse.linalg, "svds", lambda *a, **k: calls.append(1) or svds(
+        *a, **k))
     torch.manual_seed(0)
     w = torch.randn(48, 64, dtype=torch.float64)
-    a_full, b_full, err_full = nearest_kronecker(w, (6, 8), rank)
-    monkeypatch.setattr(decompose, "_FULL_SVD_MAX", 4)
-    a, b, err = nearest_kronecker(w, (6, 8), rank)
-    assert err.item() == pytest.approx(tail_error(w, (6, 8), rank), rel=1e-9)
-    assert err_full.item() == pytest.approx(err.item(), rel=1e-9)
-    torch.testing.assert_close(kron_compose(a, b), kron_compose(a_full, b_full))
+    mat = rearrange(w, (6, 8))  # 48 x 64: a full SVD by default
+    u_full, s_full, vh_full = top_singular_triplets(mat, rank)
+    assert calls == []
+    u, s, vh = top_singular_triplets(mat, rank, full_svd_max=4)
+    assert calls == [1]
+    assert u.shape == (48, rank) and vh.shape == (rank, 64)
+    torch.testing.assert_close(s, s_full, rtol=1e-12, atol=0)
+    truncated = (u * s) @ vh
+    torch.testing.assert_close(truncated, (u_full * s_full) @ vh_full, rtol=0, atol=1e-12)
+    err = (mat - truncated).norm().item()
+    assert err == pytest.approx(tail_error(w, (6, 8), rank), rel=1e-9)

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from kron import distributed as kd
 
 ROOT = Path(__file__).resolve().parents[1]
+# _TEST_CLUSTER_ is submitit's own switch to a fake cluster: cleared so that it cannot pick
+# the JobEnvironment these tests expect
 LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                "SUBMITIT_EXECUTOR", "_TEST_CLUSTER_"]
 SLURM_VARS = {"SLURM_JOB_ID": "777", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
@@ -176,15 +178,22 @@ def test_bad_device_is_a_one_line_error(clean_env, device, match):
 
 
 @pytest.mark.parametrize("count, local_rank, want", [(4, 2, 2), (1, 3, 0)])
-def test_cuda_index_per_task(monkeypatch, count, local_rank, want):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    assert kd._cuda_index(local_rank) == want
+def test_each_task_gets_its_gpu(recorded_init, clean_env, count, local_rank, want):
+    """Every task sees all the node's GPUs: the local rank's; one GPU bound to each task
+    (SLURM gpus_per_task): that one."""
+    clean_env.setattr(torch.cuda, "device_count", lambda: count)
+    for k, v in {"RANK": local_rank, "WORLD_SIZE": 4, "LOCAL_RANK": local_rank}.items():
+        clean_env.setenv(k, str(v))
+    assert kd.init_distributed("cuda").device == torch.device("cuda", want)
+    assert recorded_init == [("set_device", torch.device("cuda", want)), ("init", "nccl", {})]
 
 
-def test_cuda_index_without_enough_gpus_is_an_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+def test_fewer_gpus_than_local_ranks_is_an_error_before_any_group(recorded_init, clean_env):
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}.items():
+        clean_env.setenv(k, v)
     with pytest.raises(ValueError, match="gpus_per_node"):
-        kd._cuda_index(3)
+        kd.init_distributed("cuda")  # the fixture's node has 2 GPUs
+    assert recorded_init == []
 
 
 def test_seed_for_rank():

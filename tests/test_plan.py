@@ -57,14 +57,13 @@ def test_same_choice_in_eager_and_compiled_code(monkeypatch):
     """The rule is a pure function of shapes and modes: the compiled forward runs the branch
     the eager forward runs, in inference and in training."""
     ran: list[str] = []
-    for name in ("_forward_dense", "_forward_factored"):
-        original = getattr(KronLinear, name)
+    original = KronLinear.run_implementation
 
-        def wrapped(self, *args, _name=name, _original=original):
-            ran.append(_name)
-            return _original(self, *args)
+    def recording(self, x, implementation):
+        ran.append(implementation)
+        return original(self, x, implementation)
 
-        monkeypatch.setattr(KronLinear, name, wrapped)
+    monkeypatch.setattr(KronLinear, "run_implementation", recording)
     for shape in [(2, 256), (512, 256)]:  # one dense, one factored on the CPU
         layer = KronLinear(256, 256, [(16, 16)])
         x = torch.randn(shape)

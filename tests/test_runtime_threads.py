@@ -1,6 +1,6 @@
 """kron.runtime's thread choice: every launcher gives a process max(1, usable cores // processes
 on its node) intra-op threads unless the user said (threads=N, OMP_NUM_THREADS), and
-results.json's launch record says which launcher and how many threads."""
+results.json's launch record says which launcher and how many threads; the allocator opt-out."""
 
 from __future__ import annotations
 
@@ -150,3 +150,14 @@ def test_job_scope_applies_and_notes_the_choice(env):
         assert notes[0].startswith(f"threads: {want} (")
         assert runtime.launch_record() == {"threads": want, "launcher": "torchrun"}
     assert torch.get_num_threads() == before
+
+
+def test_kron_allocator_system_opts_out():
+    """A process started with KRON_ALLOCATOR=system keeps its allocator, and says so on every
+    call (the set-up is once per process, so this runs in a fresh one)."""
+    code = ("from kron.runtime import configure_allocator as c; "
+            "print(c()); print(c())")
+    child_env = {**os.environ, "KRON_ALLOCATOR": "system", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                         text=True, check=True, timeout=120).stdout.splitlines()
+    assert out == ["allocator: left as it is (KRON_ALLOCATOR=system)"] * 2

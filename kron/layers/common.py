@@ -20,20 +20,6 @@ def pair(value: int | Sequence[int], name: str = "value") -> tuple[int, int]:
     return items  # type: ignore[return-value]
 
 
-def conv_output_size(
-    size: tuple[int, int],
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int]:
-    """Spatial output size of a 2-D convolution (the formula in ``nn.Conv2d``'s docs)."""
-    return tuple(  # type: ignore[return-value]
-        (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)
-    )
-
-
 def kaiming_std(fan_in: int) -> float:
     """Std of the composed weight that ``nn.Linear``/``nn.Conv2d`` default init gives.
 

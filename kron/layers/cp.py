@@ -53,16 +53,6 @@ class CPConv2d(LowRankConv2d):
         """:func:`cp_max_rank` of one group's ``(F/g, C/g, kh, kw)`` kernel."""
         return cp_max_rank(*cls.group_shape(in_channels, out_channels, kernel_size, groups))
 
-    def factors(self, group: int = 0) -> list[torch.Tensor]:
-        """Group ``group``'s ``[U_f (F/g, R), U_c (C/g, R), U_h (kh, R), U_w (kw, R)]``, views
-        of the parameters."""
-        return [
-            self.grouped("weight_out")[group, :, :, 0, 0],
-            self.grouped("weight_in")[group, :, :, 0, 0].T,
-            self.grouped("weight_vertical")[group, :, 0, :, 0].T,
-            self.grouped("weight_horizontal")[group, :, 0, 0, :].T,
-        ]
-
     def _compose(self) -> torch.Tensor:
         return torch.einsum("gfr,grc,gri,grj->gfcij", self.grouped("weight_out")[..., 0, 0],
                             self.grouped("weight_in")[..., 0, 0],

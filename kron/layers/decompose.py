@@ -80,22 +80,24 @@ def kron_compose_blocks(
     return out
 
 
-# Below this size of the rearranged matrix's smaller side a full SVD is cheap; above it, the
-# leading singular triplets come from ARPACK (exact to machine precision, not randomised).
-_FULL_SVD_MAX = 1024
+#: Up to this size of the rearranged matrix's smaller side a full SVD is cheap; above it, the
+#: leading singular triplets come from ARPACK (exact to machine precision, not randomised).
+FULL_SVD_MAX = 1024
 
 
 def top_singular_triplets(
-    mat: torch.Tensor, rank: int
+    mat: torch.Tensor, rank: int, full_svd_max: int = FULL_SVD_MAX
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``rank`` leading singular triplets ``(u, s, vh)`` of a float64 matrix, descending.
 
-    A full SVD for small matrices or large ranks; otherwise ``scipy.sparse.linalg.svds``
-    (Lanczos), which costs a few products with the matrix instead of a cubic factorisation: a
-    6144 x 6144 rearranged AlexNet FC weight takes seconds instead of minutes.
+    A full SVD when the smaller side is at most ``full_svd_max`` or the rank is large;
+    otherwise ``scipy.sparse.linalg.svds`` (Lanczos), which costs a few products with the
+    matrix instead of a cubic factorisation: a 6144 x 6144 rearranged AlexNet FC weight takes
+    seconds instead of minutes. Both give the same triplets (up to the signs of singular
+    vector pairs); ``full_svd_max`` only moves the switch between them.
     """
     small = min(mat.shape)
-    if small <= _FULL_SVD_MAX or rank > small // 8:
+    if small <= full_svd_max or rank > small // 8:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     from scipy.sparse.linalg import svds

@@ -154,24 +154,7 @@ class KroneckerSum(nn.Module):
             if self.bias is not None and bias is not None:
                 self.bias.copy_(bias)
 
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        """Also loads checkpoints of earlier versions: their ``_extra_state`` (the timed
-        ``auto`` choices) is ignored, and factors stacked with another layout (conv factors
-        used to be 5-D ``(R, *a_shape)``) are reshaped when their sizes match."""
-        state_dict.pop(prefix + "_extra_state", None)
-        for name, params in (("a_factors", self.a_factors), ("b_factors", self.b_factors)):
-            for i, param in enumerate(params):
-                key = f"{prefix}{name}.{i}"
-                saved = state_dict.get(key)
-                if (isinstance(saved, torch.Tensor) and saved.shape != param.shape
-                        and saved.numel() == param.numel() and saved.shape[0] * saved.shape[1]
-                        == param.shape[0] and saved.dim() == param.dim() + 1):
-                    state_dict[key] = saved.reshape(param.shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    # -- copies -----------------------------------------------------------------------------
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave the caches and workspaces behind."""

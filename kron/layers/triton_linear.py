@@ -86,7 +86,7 @@ def triton_supports(
 
 if tl is not None:
 
-    def _kron_sum_kernel(
+    def kron_sum_kernel(
         x_ptr, a_ptr, b_ptr, y_ptr,
         n_terms, m1, n1, m2, n2,
         stride_xn, stride_yn,
@@ -97,8 +97,12 @@ if tl is not None:
     ):
         """One program per sample: Y = sum_r A_r X B_r^T on padded, masked tiles.
 
-        X is row ``pid`` of x viewed (n1, n2) row-major; A_r[i, k] and B_r[j, l] are read
-        through strides, so transposed factor views (the input gradient) need no copy."""
+        Undecorated (defined only where Triton is installed): ``triton.jit`` it for a launch
+        (:func:`_kernel` does, for the interpreter mode in force), or compile it ahead of time
+        for a GPU target with ``triton.compile`` (no GPU needed: the tests check code
+        generation that way). X is row ``pid`` of x viewed (n1, n2) row-major; A_r[i, k] and
+        B_r[j, l] are read through strides, so transposed factor views (the input gradient)
+        need no copy."""
         pid = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BM1)
         k = tl.arange(0, BN1)
@@ -135,7 +139,7 @@ def _kernel():
     imported, and a kernel calling them fails in the other mode."""
     mode = _interpret_mode()
     if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_kron_sum_kernel)
+        _JITTED[mode] = triton.jit(kron_sum_kernel)
     return _JITTED[mode]
 
 

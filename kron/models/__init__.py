@@ -33,7 +33,6 @@ def build_model_from_config(model_cfg: Mapping[str, Any], num_classes: int, in_c
     """Build from a ``model`` config group entry (``name`` plus the builder's arguments)."""
     kwargs = {k: v for k, v in dict(model_cfg).items() if k != "name"}
     if model_cfg["name"] in ("alexnet", "resnet"):
-        kwargs.pop("input_size", None)
         return build_model(model_cfg["name"], num_classes=num_classes, in_channels=in_channels,
                            **kwargs)
     return build_model(model_cfg["name"], num_classes=num_classes, in_channels=in_channels,

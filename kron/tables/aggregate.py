@@ -99,7 +99,7 @@ def row_status(runs: Sequence[RunResult], asked: int) -> tuple[str, str]:
         return "ok", ""
     if ok:
         return "partial", f"{len(ok)}/{asked} seeds" + (f" ({detail})" if detail else "")
-    for status in ("incomplete", "failed", "missing"):
+    for status in ROW_STATUSES[2:]:  # incomplete, failed, missing: the most advanced first
         if any(r.status == status for r in runs):
             return status, detail if asked > 1 else next(
                 r.reason for r in runs if r.status == status)
