@@ -22,7 +22,7 @@ from kron.config_compose import compose_train
 from kron.layers import Factorization
 from kron.layers.shapes import within_budget  # the one budget filter (also choose_terms')
 from kron.tables.generated import GeneratedTable, Point, matching, net_from_config, slug
-from kron.tables.spec import Row, Table
+from kron.tables.spec import Table
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,3 @@ def write_sweep(name: str, cfg: Any, points: Sequence[SweepPoint], overrides: Se
         "headline": False, "rows": rows,
     })
 
-
-def sweep_rows(table: Table) -> list[Row]:
-    """The non-base rows of a sweep table."""
-    return [r for r in table.rows if r.id != "base"]
