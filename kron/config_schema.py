@@ -46,9 +46,11 @@ class Min:
 
 @dataclass(frozen=True)
 class OneOf:
-    """Allowed values: ``names()`` (a registry's keys, asked at check time)."""
+    """Allowed values: ``names()`` (a registry's keys, asked at check time), plus ``old()``:
+    former names still accepted but not offered in messages (docs/design.md, section 1)."""
 
     names: Callable[[], typing.Iterable[Any]]
+    old: Callable[[], typing.Iterable[Any]] = tuple
 
 
 @dataclass(frozen=True)
@@ -172,12 +174,17 @@ def _schedule_schema(values: Mapping[str, Any], key: str) -> type:
 
 
 def _implementations() -> tuple[str, ...]:
-    """Kronecker implementations (the widest set: KronConv2d's lacks triton), and the old
-    names still accepted (``dense`` for ``composed``, docs/notes/names.md)."""
+    """Kronecker implementations (the widest set: KronConv2d's lacks triton)."""
     from kron.layers import KronLinear
+
+    return KronLinear.implementations
+
+
+def _old_implementations() -> tuple[str, ...]:
+    """Former implementation names still read (``dense`` for ``composed``)."""
     from kron.layers.kron_base import OLD_IMPLEMENTATIONS
 
-    return (*KronLinear.implementations, *OLD_IMPLEMENTATIONS)
+    return tuple(OLD_IMPLEMENTATIONS)
 
 
 class TrainConfig(TypedDict):
@@ -202,7 +209,7 @@ class TrainConfig(TypedDict):
     amp_dtype: Literal["bfloat16", "float16"]
     channels_last: bool | Literal["auto"]
     layers_strict: bool
-    implementation: Annotated[str | None, OneOf(_implementations)]
+    implementation: Annotated[str | None, OneOf(_implementations, _old_implementations)]
     plan_layers: bool
     compile: bool
     sync_bn: bool
@@ -270,7 +277,7 @@ def _check_marker(key: str, value: Any, tp: Any, marker: Any) -> type | None:
     if isinstance(marker, Min) and value < marker.low:
         raise ConfigError(f"{key}: expected a value >= {marker.low:g}, got {value!r}")
     if isinstance(marker, OneOf):
-        if value not in list(marker.names()):
+        if value not in [*marker.names(), *marker.old()]:
             raise ConfigError(f"{key}: expected {_describe_annotated(tp, [marker])}, got "
                               f"{value!r}")
     if isinstance(marker, KwargsOf):

@@ -88,7 +88,7 @@ def test_load_calibration_changes_what_auto_chooses(tmp_path, restore_cpu_consta
     layer = KronLinear(256, 256, [(16, 16)])
     path = tmp_path / "cal.json"
     shipped = cost_model.constants_for("cpu")
-    for penalty, want in ((1e4, "dense"), (1e-3, "factored")):
+    for penalty, want in ((1e4, "composed"), (1e-3, "factored")):
         path.write_text(json.dumps({"device_type": "cpu", "op_overhead": 0.0,
                                     "penalty": {"linear": [penalty, penalty]}}))
         costs = cost_model.load_calibration(str(path))

@@ -1,6 +1,8 @@
-"""The tables ``kron-tables sweep`` and ``frontier`` generate (table.yaml, every experiment
-YAML, the point ids) are pinned byte for byte: tests/data/generated_tables.json holds what
-commit f9bb405 wrote for the same command lines, with the output folder written as <OUT>."""
+"""The tables ``kron-tables sweep`` and ``frontier`` generate (table.yaml, every preset YAML,
+the point ids) are pinned byte for byte: tests/data/generated_tables.json holds what commit
+f9bb405 wrote for the same command lines, with the output folder written as <OUT> and the
+group's rename applied (``configs/experiment`` -> ``configs/preset``, the row field and the
+``/preset@_here_`` default: the only difference in the files, checked when it was renamed)."""
 
 from __future__ import annotations
 

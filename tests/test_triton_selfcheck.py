@@ -144,7 +144,7 @@ def test_without_triton_on_the_cpu_the_check_fails_with_the_install_hint(monkeyp
 
 
 def test_auto_offers_triton_on_cuda_only_once_the_self_check_passed(monkeypatch):
-    # auto's candidate list on a CUDA device: triton joins factored and dense only when the
+    # auto's candidate list on a CUDA device: triton joins factored and composed only when the
     # kernel can run and its self-check passed for the dtype it would run in (checked once)
     from kron.layers import KronLinear, triton_linear
 
@@ -154,7 +154,7 @@ def test_auto_offers_triton_on_cuda_only_once_the_self_check_passed(monkeypatch)
     monkeypatch.setattr(triton_linear, "triton_available", lambda: True)
     for passed in (False, True):
         monkeypatch.setattr(sc, "verified", lambda dev, dt, ok=passed: asked.append(dt) or ok)
-        expected = ["factored", "dense"] + (["triton"] if passed else [])
+        expected = ["factored", "composed"] + (["triton"] if passed else [])
         assert layer.candidates("cuda") == expected
     assert asked == [torch.float32, torch.float32]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -59,16 +59,17 @@ def _move(cfg: dict[str, Any], old: str, new: str) -> None:
     cfg[last] = value
 
 
-def config(cfg: dict[str, Any], keys: dict[str, str] | None = None) -> dict[str, Any]:
-    """A copy of a run's composed config under today's names: keys moved by ``keys`` (dotted
-    old path -> new path; default :data:`CONFIG_KEYS`) and implementation values renamed."""
-    cfg = copy.deepcopy(cfg)
+def config(recorded: dict[str, Any], keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """A copy of a run's recorded config under today's names: keys moved by ``keys`` (dotted
+    old path -> new path; default :data:`CONFIG_KEYS`) and implementation values renamed. A
+    record may predate a key, hence ``.get``."""
+    out = copy.deepcopy(recorded)
     for old, new in (CONFIG_KEYS if keys is None else keys).items():
-        _move(cfg, old, new)
-    if "implementation" in cfg:
-        cfg["implementation"] = implementation(cfg["implementation"])
-    _layer_specs(cfg.get("layers"))
-    return cfg
+        _move(out, old, new)
+    if "implementation" in out:
+        out["implementation"] = implementation(out["implementation"])
+    _layer_specs(out.get("layers"))
+    return out
 
 
 def results(data: dict[str, Any]) -> dict[str, Any]:
