@@ -10,6 +10,10 @@ meta device and asking the layer classes for their parameters and ``analytic_mac
 :class:`~kron.layers.errors.FactorizationError` whose line names the layer, the blocker (groups,
 padding_mode, budget, shape) and the nearest setting that works.
 
+Which kinds exist, and which classes, setting and budget search each uses, is the registry's
+(:mod:`kron.layers.kinds`; kron's own in :mod:`kron.layers.builtin_kinds`): this module holds no
+per-kind branch, so a new kind is one module and one YAML (docs/design.md, section 4).
+
 ``init`` says where the weights come from:
 
 - ``"scratch"``: the layer's own variance-preserving initialisation;
@@ -40,6 +44,7 @@ from kron.layers.errors import FactorizationError
 from kron.layers.kinds import LayerKind, conv_kinds, layer_kind, layer_kinds, linear_kinds
 
 INITS = ("scratch", "dense", "fit")
+# KINDS, LINEAR_KINDS, CONV_KINDS: computed by __getattr__ below (a static linter cannot see them)
 __all__ = ["FIT_SWEEPS", "INITS", "describe", "detail", "factorize", "relative_fit_error",
            "validate_request"]
 
