@@ -29,7 +29,8 @@ from torch import nn
 
 from kron import model_source
 from kron.fileio import atomic_write
-from kron.layers.factory import INITS, KINDS
+from kron.layers.factory import INITS
+from kron.layers.kinds import layer_kinds
 from kron.measure import count_macs, count_params
 from kron.models.surgery import KEPT, SWAPPED, SurgeryRow, apply_surgery
 
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constructor argument (repeatable), e.g. num_classes=10")
     p.add_argument("--param-ratio", type=float, help="weight parameters per layer / dense")
     p.add_argument("--mac-ratio", type=float, help="MACs per layer / dense")
-    p.add_argument("--kind", default="kron", choices=[k for k in KINDS if k != "dense"])
+    p.add_argument("--kind", default="kron", choices=[k for k in layer_kinds() if k != "dense"])
     p.add_argument("--layers", metavar="YAML", help="a surgery spec instead of a budget")
     p.add_argument("--init", default="fit", choices=INITS,
                    help="fit: the best approximation of the trained weights (closed form, "

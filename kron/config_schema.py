@@ -11,7 +11,7 @@ which means "may be absent" (e.g. ``wandb.entity`` under ``logger=none``), not "
 Allowed values come from the registries the code has, not from copied lists (:class:`OneOf`
 and :class:`Tagged` take a function that asks the registry): dataset names and each dataset's
 own keys from :mod:`kron.data.registry`, model names from :data:`kron.models.MODELS`, layer
-kinds from :data:`kron.layers.factory.KINDS`, Kronecker implementations from
+kinds from :func:`kron.layers.kinds.layer_kinds`, Kronecker implementations from
 ``KronLinear.implementations``. ``optimizer`` and ``model`` are checked against the signature of
 what they build (:func:`check_kwargs`), so a new optimizer or model needs no schema edit;
 ``layers`` is checked in full by layer surgery, which knows its keys (the schema checks kinds).
@@ -416,14 +416,21 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_layer_kinds(layers: Mapping[str, Any]) -> None:
-    """Each ``layers`` entry's ``kind`` is a kind the layer factory builds (surgery checks the
-    rest of the entry against the model)."""
-    from kron.layers.factory import KINDS
+    """Each ``layers`` entry's ``kind`` is a kind the layer factory builds, after importing the
+    entry's ``module`` (a kind outside kron) if it names one (surgery checks the rest of the
+    entry against the model)."""
+    from kron.layers.errors import FactorizationError
+    from kron.layers.kinds import import_kind_module, layer_kinds
 
     for pattern, entry in layers.items():
+        if isinstance(entry, Mapping) and "module" in entry:
+            try:
+                import_kind_module(entry["module"], f"layers.{pattern}")
+            except FactorizationError as err:
+                raise ConfigError(str(err)) from None
         if isinstance(entry, Mapping) and "kind" in entry:
             _check_value(f"layers.{pattern}.kind", entry["kind"],
-                         Annotated[str, OneOf(lambda: KINDS)])
+                         Annotated[str, OneOf(layer_kinds)])
 
 
 #: numbers that must be > 0 (where present); ``optimizer.lr`` may be 0 (frozen weights, used

@@ -4,6 +4,13 @@ kron (imports torch, the standard library and, lazily, triton; nothing else of k
 from kron.layers.decompose import fit_kronecker_sum, kron_compose, nearest_kronecker
 from kron.layers.errors import FactorizationError
 from kron.layers.factory import factorize, relative_fit_error
+from kron.layers.kinds import (
+    LayerKind,
+    layer_kind,
+    layer_kinds,
+    register_layer_kind,
+    unregister_layer_kind,
+)
 from kron.layers.kron_conv import KronConv2d
 from kron.layers.kron_linear import KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
@@ -26,4 +33,9 @@ __all__ = [
     "kron_compose",
     "factorize",
     "relative_fit_error",
+    "LayerKind",
+    "layer_kind",
+    "layer_kinds",
+    "register_layer_kind",
+    "unregister_layer_kind",
 ]

@@ -10,6 +10,10 @@ meta device and asking the layer classes for their parameters and ``analytic_mac
 :class:`~kron.layers.errors.FactorizationError` whose line names the layer, the blocker (groups,
 padding_mode, budget, shape) and the nearest setting that works.
 
+Which kinds exist, and which classes, setting and budget search each uses, is the registry's
+(:mod:`kron.layers.kinds`; kron's own in :mod:`kron.layers.builtin_kinds`): this module holds no
+per-kind branch, so a new kind is one module and one YAML (docs/design.md, section 4).
+
 ``init`` says where the weights come from:
 
 - ``"scratch"``: the layer's own variance-preserving initialisation;
@@ -34,17 +38,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from kron.layers.budget import Budget, largest_rank, try_build
+from kron.layers.budget import Budget, largest_rank
+from kron.layers.builtin_kinds import FIT_SWEEPS, Setting
 from kron.layers.errors import FactorizationError
+from kron.layers.kinds import LayerKind, conv_kinds, layer_kind, layer_kinds, linear_kinds
 
-KINDS = ("dense", "kron", "lowrank", "separable", "cp", "tucker")
-LINEAR_KINDS = ("dense", "kron", "lowrank")
-CONV_KINDS = ("dense", "kron", "separable", "cp", "tucker")
 INITS = ("scratch", "dense", "fit")
-#: Block-coordinate sweeps of ``init="fit"`` for mixed Kronecker shapes (stops early at 1e-6).
-FIT_SWEEPS = 100
+# KINDS, LINEAR_KINDS, CONV_KINDS: computed by __getattr__ below (a static linter cannot see them)
+__all__ = ["FIT_SWEEPS", "INITS", "describe", "detail", "factorize", "relative_fit_error",
+           "validate_request"]
 
-Setting = Any  # kron: tuple of A shapes; lowrank/separable/cp: int; tucker: (r_in, r_out)
+#: the kind names as tuples, computed on each access from the registry (kron.layers.kinds), so
+#: a kind registered later is seen: ``KINDS`` all, ``LINEAR_KINDS`` / ``CONV_KINDS`` per type
+_COMPUTED = {"KINDS": layer_kinds, "LINEAR_KINDS": linear_kinds, "CONV_KINDS": conv_kinds}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name in _COMPUTED:
+        return _COMPUTED[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe(module: nn.Module) -> str:
@@ -68,29 +80,32 @@ def validate_request(kind: str, *, init: str = "scratch", implementation: str = 
                      param_ratio: Any = None, mac_ratio: Any = None, label: str = "layer"
                      ) -> None:
     """Check a request without a layer (typos and contradictions, whatever it is applied to)."""
-    if kind not in KINDS:
-        raise FactorizationError(f"{label}: kind must be one of {list(KINDS)}, got {kind!r}")
+    kinds = layer_kinds()
+    if kind not in kinds:
+        raise FactorizationError(f"{label}: kind must be one of {list(kinds)}, got {kind!r} (a "
+                                 "kind outside kron: set module: to the module registering it)")
     if init not in INITS:
         raise FactorizationError(f"{label}: init must be one of {list(INITS)}, got {init!r}")
-    if implementation != "auto" and kind != "kron":
+    entry = None if kind == "dense" else layer_kind(kind)
+    if implementation != "auto" and (entry is None or not entry.implementation):
         raise FactorizationError(f"{label}: implementation={implementation!r} applies to kind "
                                  f"'kron' only, not {kind!r}; drop it")
-    if kind == "dense":
+    if entry is None:
         return
     budget = param_ratio is not None or mac_ratio is not None
-    if kind == "kron":
+    if entry.knob == "terms":
         given, names = terms is not None, "'terms'"
-    elif kind == "tucker":
+    elif entry.knob == "ranks":
         given, names = ranks is not None or rank is not None, "'ranks' (or 'rank')"
     else:
         given, names = rank is not None, "'rank'"
     if given == budget:
         raise FactorizationError(f"{label}: kind {kind!r} needs exactly one of {names} or a "
                                  "'param_ratio'/'mac_ratio' target")
-    if ranks is not None and kind != "tucker":
+    if ranks is not None and entry.knob != "ranks":
         raise FactorizationError(f"{label}: 'ranks' is Tucker's (R_in, R_out); kind {kind!r} "
                                  "takes 'rank'")
-    if kind == "kron" and terms is not None and rank is not None:
+    if entry.knob == "terms" and terms is not None and rank is not None:
         raise FactorizationError(f"{label}: 'rank' with 'terms' is ambiguous: repeat an A shape "
                                  "in terms for Kronecker rank (rank goes with a budget)")
 
@@ -125,7 +140,7 @@ def factorize(
                      ranks=ranks, param_ratio=param_ratio, mac_ratio=mac_ratio, label=label)
     if kind == "dense":
         return module
-    valid = LINEAR_KINDS if isinstance(module, nn.Linear) else CONV_KINDS
+    valid = linear_kinds() if isinstance(module, nn.Linear) else conv_kinds()
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise FactorizationError(f"{label}: only nn.Linear and nn.Conv2d can be factored "
                                  f"(blocker: type); leave it dense")
@@ -134,14 +149,18 @@ def factorize(
                                  f"{type(module).__name__}; valid kinds here: {list(valid)}")
     if input_shape is not None:
         _check_input_shape(module, input_shape, label)
-    build = _guarded(module, kind, implementation, label)
+    entry = layer_kind(kind)
+    build = _guarded(module, entry, implementation, label)
     if param_ratio is None and mac_ratio is None:
-        setting = _given_setting(module, kind, terms, rank, ranks)
+        setting = entry.setting(terms, rank, ranks) if entry.setting else rank
         build(setting, "meta")  # the class's own checks, before any weight is touched
     else:
         budget = Budget.of(module, param_ratio, mac_ratio, input_shape, label)
-        setting = _setting_for_budget(module, kind, budget, rank, build, label)
-    return _realise(module, kind, setting, init, implementation, build, label)
+        if entry.search is not None:
+            setting = entry.search(module, budget, rank, build, label)
+        else:
+            setting = largest_rank(build, budget, label, lambda r: f"rank {r}")
+    return _realise(module, entry, setting, init, implementation, build, label)
 
 
 def relative_fit_error(dense: nn.Module, factored: nn.Module) -> float:
@@ -188,16 +207,6 @@ def _check_input_shape(module: nn.Module, shape: Sequence[int], label: str) -> N
         raise FactorizationError(f"{label}: input_shape must be {want}, got {shape}")
 
 
-def _given_setting(module: nn.Module, kind: str, terms: Any, rank: Any, ranks: Any) -> Setting:
-    if kind == "kron":
-        return tuple(tuple(int(v) for v in t) for t in terms) if not isinstance(terms, str) \
-            else terms  # a string is refused by the class with its own message
-    if kind == "tucker":
-        given = ranks if ranks is not None else rank
-        return (int(given), int(given)) if isinstance(given, int) else tuple(given)
-    return rank
-
-
 def _conv_kwargs(conv: nn.Conv2d, **changes: Any) -> dict:
     """The geometry keywords the factored conv classes take, copied from ``conv``; ``groups``
     and ``padding_mode`` only when not the default (so a class that lacks them refuses)."""
@@ -212,48 +221,32 @@ def _conv_kwargs(conv: nn.Conv2d, **changes: Any) -> dict:
     return kw
 
 
-def _construct(module: nn.Module, kind: str, setting: Setting, implementation: str,
+def _construct(module: nn.Module, kind: LayerKind, setting: Setting, implementation: str,
                device: Any, dtype: Any, **changes: Any) -> nn.Module:
-    """The layer class's constructor (scratch init), on ``device`` / ``dtype``."""
-    from kron.layers.kron_conv import KronConv2d
-    from kron.layers.kron_linear import KronLinear
-    from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
-
+    """The kind's layer class's constructor (scratch init), on ``device`` / ``dtype``."""
     place = dict(device=device, dtype=dtype)
+    if kind.implementation:
+        place["implementation"] = implementation
+    arg = list(setting) if kind.knob == "terms" else setting
     if isinstance(module, nn.Linear):
-        i, o, b = module.in_features, module.out_features, module.bias is not None
-        if kind == "kron":
-            return KronLinear(i, o, list(setting), bias=b, implementation=implementation,
-                              **place)
-        return LowRankLinear(i, o, setting, bias=b, **place)
-    c, f, k = module.in_channels, module.out_channels, module.kernel_size
+        return kind.linear(module.in_features, module.out_features, arg,
+                           bias=module.bias is not None, **place)
     geom = _conv_kwargs(module, **changes)
-    if kind == "kron":
-        return KronConv2d(c, f, k, list(setting), implementation=implementation, **geom, **place)
-    cls = {"separable": SeparableConv2d, "cp": CPConv2d, "tucker": TuckerConv2d}[kind]
-    return cls(c, f, k, setting, **geom, **place)
+    return kind.conv(module.in_channels, module.out_channels, module.kernel_size, arg, **geom,
+                     **place)
 
 
-def _fit(module: nn.Module, kind: str, setting: Setting, init: str,
+def _fit(module: nn.Module, kind: LayerKind, setting: Setting, init: str,
          implementation: str) -> nn.Module:
-    """The layer class's fit to ``module``'s weights (``init`` dense or fit, see above)."""
-    from kron.layers.kron_conv import KronConv2d
-    from kron.layers.kron_linear import KronLinear
-    from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
-
-    if kind == "kron":
-        cls = KronLinear.from_linear if isinstance(module, nn.Linear) else KronConv2d.from_conv
-        if len(set(setting)) == 1:  # one shape: the SVD fit is optimal, no sweeps to choose
-            return cls(module, list(setting), implementation=implementation)
-        sweeps = FIT_SWEEPS if init == "fit" else 0
-        return cls(module, list(setting), implementation=implementation, sweeps=sweeps)
-    if kind == "lowrank":
-        return LowRankLinear.from_linear(module, setting)
-    cls = {"separable": SeparableConv2d, "cp": CPConv2d, "tucker": TuckerConv2d}[kind]
-    return cls.from_conv(module, setting)
+    """The kind's fit to ``module``'s weights (``init`` dense or fit, see above)."""
+    if kind.fit is not None:
+        return kind.fit(module, setting, init, implementation)
+    if isinstance(module, nn.Linear):
+        return kind.linear.from_linear(module, setting)
+    return kind.conv.from_conv(module, setting)
 
 
-def _blocker(module: nn.Module, kind: str, setting: Setting, implementation: str) -> str:
+def _blocker(module: nn.Module, kind: LayerKind, setting: Setting, implementation: str) -> str:
     """What stops ``setting`` on ``module``: the first of groups / padding_mode whose removal
     lets the class build it (found by building, not by reading messages), else the setting."""
     if isinstance(module, nn.Conv2d):
@@ -266,10 +259,10 @@ def _blocker(module: nn.Module, kind: str, setting: Setting, implementation: str
             except (ValueError, TypeError):
                 continue
             return " and ".join(f"{k}={getattr(module, k)!r}" for k in change)
-    return "shape" if kind == "kron" else "rank"
+    return "shape" if kind.knob == "terms" else "rank"
 
 
-def _guarded(module: nn.Module, kind: str, implementation: str, label: str
+def _guarded(module: nn.Module, kind: LayerKind, implementation: str, label: str
              ) -> Callable[..., nn.Module]:
     """``build(setting, device)``: the scratch constructor, its refusals (and any TypeError of
     an argument it lacks) turned into one FactorizationError naming the blocker."""
@@ -286,7 +279,7 @@ def _guarded(module: nn.Module, kind: str, implementation: str, label: str
     return build
 
 
-def _refusal(module: nn.Module, kind: str, setting: Setting, implementation: str, label: str,
+def _refusal(module: nn.Module, kind: LayerKind, setting: Setting, implementation: str, label: str,
              err: Exception) -> FactorizationError:
     blocker = _blocker(module, kind, setting, implementation)
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -294,10 +287,10 @@ def _refusal(module: nn.Module, kind: str, setting: Setting, implementation: str
         hint = "choose another setting (the class's message names the valid ones)"
     else:
         hint = f"the layer builds without {blocker}; leave this layer dense (kind: dense)"
-    return FactorizationError(f"{label}: {kind} refused ({first}); blocker: {blocker}; {hint}")
+    return FactorizationError(f"{label}: {kind.name} refused ({first}); blocker: {blocker}; {hint}")
 
 
-def _realise(module: nn.Module, kind: str, setting: Setting, init: str, implementation: str,
+def _realise(module: nn.Module, kind: LayerKind, setting: Setting, init: str, implementation: str,
              build: Callable[..., nn.Module], label: str) -> nn.Module:
     """Build the chosen setting for real: scratch on the dense layer's device, else the fit."""
     if init == "scratch":
@@ -307,77 +300,3 @@ def _realise(module: nn.Module, kind: str, setting: Setting, init: str, implemen
     except (ValueError, TypeError) as err:
         raise _refusal(module, kind, setting, implementation, label, err) from None
 
-
-# ----------------------------------------------------------------------- budget -> setting
-
-
-def _setting_for_budget(module: nn.Module, kind: str, budget: Budget, rank: int | None,
-                        build: Callable[..., nn.Module], label: str) -> Setting:
-    if kind == "kron":
-        return _kron_terms(module, budget, 1 if rank is None else int(rank), build, label)
-    if kind == "tucker":
-        c, f = _channels(module)
-
-        def tucker(r: int) -> tuple[int, int]:  # one knob: the input rank keeps C/F
-            return (max(1, min(c, round(r * c / f))), r)
-
-        r = largest_rank(lambda r: build(tucker(r)), budget, label,
-                         lambda r: f"ranks {tucker(r)}")
-        return tucker(r)
-    return largest_rank(build, budget, label, lambda r: f"rank {r}")
-
-
-def _channels(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.in_channels, module.out_channels
-
-
-def _per_group(module: nn.Module) -> nn.Module:
-    """The dense layer one group of ``module`` is (a grouped conv is ``groups`` independent
-    convs), on the meta device: what Kronecker term shapes are enumerated against."""
-    if isinstance(module, nn.Linear) or (module.groups == 1
-                                         and not isinstance(module.padding, str)):
-        return module
-    g = module.groups
-    padding = module.padding if not isinstance(module.padding, str) else 0  # MACs: see caller
-    return nn.Conv2d(module.in_channels // g, module.out_channels // g, module.kernel_size,
-                     module.stride, padding, module.dilation, bias=False, device="meta")
-
-
-def _kron_terms(module: nn.Module, budget: Budget, rank: int,
-                build: Callable[..., nn.Module], label: str) -> Setting:
-    """The single-shape rank-``rank`` terms with the most parameters within ``budget``."""
-    from kron.layers.shapes import factorizations
-
-    proxy = _per_group(module)
-    exact_macs = isinstance(module, nn.Linear) or not isinstance(module.padding, str)
-    hw = budget.input_shape[-2:] if budget.input_shape and exact_macs and isinstance(
-        module, nn.Conv2d) else None
-    cands = factorizations(proxy, input_hw=hw, rank=rank)
-    if not cands:
-        raise FactorizationError(
-            f"{label}: no non-trivial rank-{rank} Kronecker split of a weight of shape "
-            f"{tuple(proxy.weight.shape)} (blocker: shape); leave it dense or use kind lowrank "
-            "/ tucker")
-    smallest = build((cands[0].a_shape,) * rank)  # refusals here are not about the budget
-
-    def balance(f: Any) -> float:
-        return abs(math.log(math.prod(f.a_shape)) - math.log(math.prod(f.b_shape)))
-
-    for f in sorted(cands, key=lambda f: (-f.params, balance(f))):
-        if budget.param_ratio is not None and f.param_ratio > budget.param_ratio * (1 + 1e-12):
-            continue
-        if budget.mac_ratio is not None and f.mac_ratio is not None \
-                and f.mac_ratio > budget.mac_ratio * (1 + 1e-12):
-            continue
-        m = try_build(build, (f.a_shape,) * rank)
-        if m is not None and budget.meets(m):
-            return (f.a_shape,) * rank
-    near = f"{budget.achievable(smallest)} (A {cands[0].a_shape})"
-    mac_best = min((f for f in cands if f.mac_ratio is not None), key=lambda f: f.mac_ratio,
-                   default=None)
-    if budget.mac_ratio is not None and mac_best is not None:
-        near += f"; smallest mac_ratio {mac_best.mac_ratio:.4g} (A {mac_best.a_shape})"
-    raise FactorizationError(f"{label}: no rank-{rank} Kronecker term meets "
-                             f"{budget.describe()} (blocker: budget); smallest achievable {near}")

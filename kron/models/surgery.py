@@ -32,10 +32,13 @@ from torch import nn
 
 from kron.layers.errors import FactorizationError
 from kron.layers.factory import describe, detail, factorize, relative_fit_error, validate_request
+from kron.layers.kinds import import_kind_module, layer_kinds
 from kron.measure import count_params, layer_macs, linear_macs
 from kron.models.attention import ProjectedMultiheadAttention
 
-SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation"}
+#: ``module``: a module to import that registers ``kind`` (a kind outside kron)
+SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation",
+             "module"}
 SWAPPED, KEPT, LEFT_DENSE = "swapped", "kept", "left dense"
 NOT_CALLED = ("never called by the probe forward (eval mode): its weight is read directly (e.g. "
               "by torchvision's shifted_window_attention) or it runs only in training (an "
@@ -159,11 +162,16 @@ def _check_entry(pattern: str, entry: dict) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid keys: "
                          f"{sorted(SPEC_KEYS)}")
+    if "module" in entry:
+        import_kind_module(entry["module"], where)
     if "kind" not in entry:
-        raise ValueError(f"{where}: no 'kind'; add one of kind: dense, kron, lowrank, "
-                         "separable, cp, tucker")
-    validate_request(entry["kind"], label=where,
-                     **{k: v for k, v in entry.items() if k != "kind"})
+        raise ValueError(f"{where}: no 'kind'; add one of kind: {', '.join(layer_kinds())}")
+    validate_request(entry["kind"], label=where, **_settings(entry))
+
+
+def _settings(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec entry's request to the factory: everything but ``kind`` and ``module``."""
+    return {k: v for k, v in entry.items() if k not in ("kind", "module")}
 
 
 def _layer_list(layers: Mapping[str, nn.Module]) -> str:
@@ -213,7 +221,7 @@ def _plan_one(name: str, layer: nn.Module, entry: dict, shape: tuple | None
     if shape is None:
         row.reason = NOT_CALLED
         return row, None
-    settings = {k: v for k, v in entry.items() if k != "kind"}
+    settings = _settings(entry)
     try:
         wrapper = ProjectedMultiheadAttention.from_mha(layer) if attention else None
         dense = layer if wrapper is None else wrapper.in_proj
