@@ -8,9 +8,9 @@ import typing
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.config_schema import (
     SCHEDULES,
     ConfigError,
@@ -25,8 +25,7 @@ from kron.paths import CONFIG_DIR
 
 
 def composed(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
+    return OmegaConf.to_container(compose_train(overrides), resolve=True)
 
 
 def test_schedules_are_the_scheduler_configs():

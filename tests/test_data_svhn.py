@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from kron.config_compose import compose_train
 from kron.data import SVHN, DatasetError
 from kron.data.synth_svhn import render_split
 from kron.data.synthetic import ensure_synth_svhn, main, write_svhn, write_synth_svhn
@@ -167,13 +168,9 @@ def test_synth_difficulty_levels(tmp_path):
 
 
 def test_synth_hard_config_composes():
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kron.paths import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["data=synth_svhn_hard"])
+    cfg = compose_train(["data=synth_svhn_hard"])
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert data["synth"] == {"n_train": 6000, "n_test": 2000, "seed": 0, "difficulty": "hard"}
     assert data["root"].endswith("synth_svhn_hard") and data["name"] == "synth_svhn"

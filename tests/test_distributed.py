@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from kron import distributed as kd
+from kron.config_compose import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 # _TEST_CLUSTER_ is submitit's own switch to a fake cluster: cleared so that it cannot pick
@@ -265,14 +266,11 @@ def test_submitit_two_tasks_equal_torchrun_two_processes(tmp_path):
     """Threads at their defaults (no ``threads=``, no OMP_NUM_THREADS): both launches give each
     process the same share of the cores, record it and their launcher, and train bit-identically."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from hydra import compose, initialize_config_dir
 
     from kron.data import build_datasets
-    from kron.paths import CONFIG_DIR
 
     over = _tiny(tmp_path / "data")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        build_datasets(compose("train", overrides=over).data)  # render the data once, up front
+    build_datasets(compose_train(over).data)  # render the data once, up front
     env = {**os.environ, "WANDB_MODE": "disabled"}
     for name in [*LAUNCH_VARS, "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"]:
         env.pop(name, None)

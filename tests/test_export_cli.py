@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kron import compress, export, model_source
+from kron.config_compose import compose_train
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
@@ -27,14 +28,7 @@ def _no_machine_calibration(tmp_path, monkeypatch):
 def make_run(folder, *overrides: str):
     """A run folder as training leaves it: ``.hydra/config.yaml`` and ``last.pt`` (random
     weights, BN statistics that are not the identity)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kron.paths import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model.width=0.25", *overrides])
+    cfg = compose_train(["model.width=0.25", *overrides])
     (folder / ".hydra").mkdir(parents=True)
     text = OmegaConf.to_yaml(cfg)
     (folder / ".hydra" / "config.yaml").write_text(text)

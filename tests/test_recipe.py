@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kron.cli_check import cli_config_error
+from kron.config_compose import compose_train
 from kron.config_schema import ConfigError, check_train_config
 from kron.distributed import DistContext
 from kron.errors import OutputFolderError
 from kron.layers import KronLinear
-from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import (
     CKPT_NAME,
     MARKER_NAME,
@@ -44,8 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def composed(overrides: list[str] | None = None) -> dict:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=overrides or []), resolve=True)
+    return OmegaConf.to_container(compose_train(overrides or []), resolve=True)
 
 
 def cpu_job(tmp_path: Path) -> Job:

@@ -15,13 +15,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.data import build_datasets, build_loader, set_epoch
 from kron.models import build_model_from_config
 from kron.models.surgery import apply_surgery
-from kron.paths import CONFIG_DIR
 from kron.recipe.fit import param_groups
 from kron.runtime import JobSettings, job_scope
 from kron.train import CKPT_NAME, train
@@ -70,8 +69,7 @@ def reference_fit(c: dict) -> tuple[torch.nn.Module, list[float]]:
 
 def test_a_tiny_run_equals_the_plain_loop_bit_for_bit(tiny_data, tmp_path):
     over = [*tiny_data, f"epochs={EPOCHS}", "model.dropout=0.25", "measure.enabled=false"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=over)
+    cfg = compose_train(over)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.scheduler.name == "cosine"
     assert cfg.scheduler.min_lr_ratio == 0 and cfg.grad_clip == 0  # what the loop leaves out
     results = train(cfg, tmp_path, over)

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.errors import CheckpointError, OutputFolderError
 from kron.fileio import atomic_write, atomic_write_text
 from kron.layers.errors import FactorizationError
-from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import (
     CKPT_NAME,
     MARKER_NAME,
@@ -45,8 +44,7 @@ def tiny(tiny_data) -> list[str]:
 
 
 def cfg_of(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_train(overrides)
 
 
 def run(folder: Path, overrides: list[str], root: Path | None = None) -> dict:

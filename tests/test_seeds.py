@@ -9,9 +9,8 @@ import math
 import statistics
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from kron.paths import CONFIG_DIR
+from kron.config_compose import compose_train
 from kron.tables import render as R
 from kron.tables.aggregate import ROW_STATUSES
 from kron.tables.plots import tradeoff_figure
@@ -55,8 +54,7 @@ def real(tmp_path_factory):
     def run(row_id, seed, extra=()):
         row = table.row(row_id)
         over = [*job_overrides(table, row, seed=seed), *extra]
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=over)
+        cfg = compose_train(over)
         return train(cfg, run_dir(table.name, row, out, seed), over)
 
     for row_id, seed in (("dense", 0), ("dense", 1), ("kron", 0), ("kron", 1), ("lowrank", 0)):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kron.config_compose import compose_train
 from kron.data import build_datasets
 from kron.paths import CONFIG_DIR
 from kron.recipe.checkpoint import MARKER_NAME
@@ -31,8 +31,7 @@ RESULT_KEYS = {"test_acc1", "params", "params_dense", "macs_executed", "macs_den
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_train(overrides)
 
 
 def run(tmp: Path, overrides: list[str]) -> dict:
