@@ -173,7 +173,7 @@ def collect(table: Table, out: str | Path | None = None,
 def _wandb_config_value(logged: dict[str, Any], key: str) -> Any:
     """A value of a W&B run's logged config (``{"value": v, "desc": ...}`` or plain)."""
     value = logged.get(key)
-    return value["value"] if isinstance(value, dict) and set(value) <= {"value", "desc"} \
+    return value.get("value") if isinstance(value, dict) and set(value) <= {"value", "desc"} \
         else value
 
 
