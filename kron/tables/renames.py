@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+# renamed values of a Kronecker layer's ``implementation`` (top level or in a layer spec): the
+# layers' own table of old names, so a record and a constructor read them alike
+from kron.layers.kron_base import implementation_name
+
 #: renamed Hydra config groups and keys of an override (``+`` and ``~`` prefixes kept apart
 #: from the name); ``+experiment`` selected the same preset as ``experiment``
 OVERRIDE_KEYS = {"experiment": "preset", "+experiment": "preset"}
-#: renamed values of a Kronecker layer's ``implementation`` (top level or in a layer spec)
-IMPLEMENTATIONS = {"dense": "composed"}
 #: renamed top-level keys of a run's composed config (dotted paths; none yet)
 CONFIG_KEYS: dict[str, str] = {}
 #: renamed fields of results.json (the old name is read only when the new one is absent)
@@ -27,7 +29,7 @@ RESULT_KEYS = {"macs": "macs_executed"}
 
 def implementation(value: Any) -> Any:
     """Today's name of a Kronecker layer implementation (other values unchanged)."""
-    return IMPLEMENTATIONS.get(value, value) if isinstance(value, str) else value
+    return implementation_name(value) if isinstance(value, str) else value
 
 
 def override(key: str, value: Any) -> tuple[str, Any]:
