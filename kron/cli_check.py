@@ -49,6 +49,9 @@ def cli_config_error(argv: Sequence[str]) -> str | None:
                  and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if not overrides:
         return None
+    # a config folder added on the command line (generated tables, a user's own configs)
+    # holds options the overrides may choose: compose with it
+    overrides += [a for a in argv if a.lstrip("+~").startswith("hydra.searchpath=")]
     old = [o for o in overrides if o.split("=")[0].lstrip("+~").split("@")[0] == "experiment"]
     if old:  # the group's old name (docs/notes/names.md)
         return (f"{old[0]}: the config group 'experiment' is now 'preset'; use "

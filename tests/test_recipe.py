@@ -104,6 +104,20 @@ def test_cli_check_gives_one_line_for_hydra_errors_and_sweeps():
     assert cli_config_error(["--config-name=other", "foo=1"]) is None  # left to Hydra
 
 
+def test_cli_check_composes_with_the_command_lines_searchpath(tmp_path):
+    """A generated table's row (a preset in a folder added by hydra.searchpath) is checked
+    with that folder, as Hydra will compose it: the page runs one such row at a time."""
+    folder = tmp_path / "conf" / "preset" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "row.yaml").write_text("# @package _global_\nepochs: 3\n")
+    argv = ["-m", "preset=mine/row", "seed=0,1", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "hydra.sweep.dir=/nowhere"]
+    assert cli_config_error(argv) is None
+    assert "Could not find 'preset/mine/row'" in cli_config_error(argv[:3])
+    bad = [*argv, "epochs=x"]
+    assert cli_config_error(bad) == "epochs: expected an int, got 'x'"
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch: seconds, more on a busy machine
 def test_cli_wrong_type_is_one_line_on_stderr_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "kron.train", "optimizer.lr=abc"], cwd=ROOT,
