@@ -315,7 +315,8 @@ def test_cli_render_writes_every_output(toy, monkeypatch, capsys):
     folder = out / "tables" / "toy"
     assert (folder / "table.md").read_text() == EXPECTED_MD
     for name in ("table.csv", "runs.csv", "table.tex", "error_vs_params.png",
-                 "error_vs_params.pdf", "error_vs_speedup.png", "error_vs_speedup.pdf"):
+                 "error_vs_params.pdf", "error_vs_speedup.png", "error_vs_speedup.pdf",
+                 "error_vs_throughput_speedup.png", "error_vs_throughput_speedup.pdf"):
         assert (folder / name).stat().st_size > 0, name
     assert not list(folder.glob(".*.tmp"))
     assert "| Kron A |" in capsys.readouterr().out
@@ -362,12 +363,18 @@ def test_plots_draw_error_bars_per_family(toy):
     assert "lowrank" in fig.texts[0].get_text()  # rows without numbers are listed
     fig = tradeoff_figure(rows, "params", title="t", xlabel="x", maximize_x=False, log_x=True)
     assert errorbars(fig)["Kronecker"][3] is None  # parameters do not vary
+    fig = tradeoff_figure(rows, "throughput_speedup", title="t", xlabel="x", maximize_x=True,
+                          log_x=False)
+    bars = errorbars(fig)  # only kron_a measured a throughput batch (4.0 and 4.4)
+    assert set(bars) == {"Kronecker"} and bars["Kronecker"][0] == pytest.approx([4.2])
+    assert bars["Kronecker"][3] == pytest.approx([0.2828], abs=1e-4)
 
 
 def test_plots_without_any_result(tmp_path):
     rows = [{"id": "a", "family": "kron", "params": None, "speedup": None, "test_err1": None}]
     paths = plot_table(rows, tmp_path, "empty")
     assert len(paths) == 4 and all(p.stat().st_size > 0 for p in paths)
+    assert not (tmp_path / "error_vs_throughput_speedup.png").exists()  # nothing measured it
 
 
 def test_paper_cell_says_not_stated_unless_given():

@@ -12,8 +12,9 @@
 
 Outputs go to ``$KRON_OUTPUTS`` (default ``outputs``)/tables/<table>/: runs/<preset>/seed<k>/,
 table.md, table.csv (one line per row), runs.csv (one per run), table.tex,
-error_vs_params.png/.pdf, error_vs_speedup.png/.pdf; a frontier adds frontier.md and
-frontier_params.png/.pdf, frontier_speedup.png/.pdf.
+error_vs_params.png/.pdf, error_vs_speedup.png/.pdf and, when the runs measured a throughput
+batch, error_vs_throughput_speedup.png/.pdf; a frontier adds its best-family-per-budget table
+to table.md and frontier_params, frontier_speedup (and frontier_throughput_speedup) .png/.pdf.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ PAGE_KEYS = {"name", "title", "page", "records", "hours", "machine", "plan", "se
 SECTION_KEYS = {"table", "seeds", "overrides", "frontier"}
 FRONTIER_KEYS = {"families", "param_ratios", "mac_ratios", "layers"}
 COPIED = ("table.md", "table.csv", "runs.csv", "error_vs_params.png", "error_vs_speedup.png",
-          "frontier_params.png", "frontier_speedup.png")
+          "error_vs_throughput_speedup.png", "frontier_params.png", "frontier_speedup.png",
+          "frontier_throughput_speedup.png")
 
 
 @dataclass(frozen=True)

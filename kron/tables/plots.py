@@ -1,7 +1,7 @@
 """Accuracy/cost trade-off plots with error bars and the Pareto front (matplotlib, headless).
 
 Error is plotted against parameters (fewer is better) and against measured speedup (more is
-better). Each row is one point at its seeds' mean, with error bars of one sample standard
+better), at the latency batch and, when the runs measured one, at the throughput batch. Each row is one point at its seeds' mean, with error bars of one sample standard
 deviation (error, and speedup, which varies between runs) when two or more seeds finished;
 families have distinct markers, and the rows no other row beats on both axes (by their means)
 are joined by the front line. The frontier plots (:func:`frontier_figure`) draw one line per
@@ -25,9 +25,15 @@ STYLE = {  # family -> marker, colour, legend label
     "cp": ("D", "tab:purple", "CP"),
     "tucker": ("v", "tab:brown", "Tucker-2"),
 }
+#: (row key, file name, x label, more is better, log x); speedups are measured, never modelled
 PLOTS = (("params", "error_vs_params", "parameters (log scale)", False, True),
-         ("speedup", "error_vs_speedup", "measured inference speedup over the dense twin (x)",
-          True, False))
+         ("speedup", "error_vs_speedup",
+          "measured inference speedup over the dense twin at the latency batch "
+          "(measure.batch_size) (x)", True, False),
+         ("throughput_speedup", "error_vs_throughput_speedup",
+          "measured inference speedup over the dense twin at the throughput batch "
+          "(measure.throughput_batch_size) (x)", True, False))
+SPEEDUPS = ("speedup", "throughput_speedup")
 
 
 def pareto_front(points: Sequence[tuple[float, float]], maximize_x: bool = False) -> list[int]:
@@ -64,7 +70,7 @@ def _errorbar(ax, pts: Sequence[dict[str, Any]], x_key: str, **kw) -> None:
     xs = [_mean(m[x_key]) for m in pts]
     ys = [_mean(m["test_err1"]) for m in pts]
     yerr = [_std(m["test_err1"]) for m in pts]
-    xerr = [_std(m[x_key]) for m in pts] if x_key == "speedup" else None
+    xerr = [_std(m[x_key]) for m in pts] if x_key in SPEEDUPS else None
     ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, capsize=3, elinewidth=1, **kw)
 
 
@@ -157,6 +163,8 @@ def _plot_pair(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
                frontier: bool) -> list[Path]:
     written = []
     for key, name, xlabel, maximize_x, log_x in PLOTS:
+        if key == "throughput_speedup" and not any(m.get(key) is not None for m in rows):
+            continue  # no run measured a throughput batch: no empty figure
         if frontier:
             fig = frontier_figure(rows, key, title=title, xlabel=xlabel, log_x=log_x,
                                   vline=maximize_x)
@@ -169,10 +177,12 @@ def _plot_pair(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
 
 
 def plot_table(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
-    """The two plots of a rendered table: ``error_vs_params`` and ``error_vs_speedup``."""
+    """The plots of a rendered table: ``error_vs_params``, ``error_vs_speedup`` and, when
+    some run measured a throughput batch, ``error_vs_throughput_speedup``."""
     return _plot_pair(rows, outdir, title, frontier=False)
 
 
 def plot_frontier(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
-    """The frontier's two plots: ``frontier_params`` and ``frontier_speedup``."""
+    """The frontier's plots: ``frontier_params``, ``frontier_speedup`` and, when some run
+    measured a throughput batch, ``frontier_throughput_speedup``."""
     return _plot_pair(rows, outdir, title, frontier=True)
