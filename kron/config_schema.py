@@ -419,15 +419,12 @@ def _check_layer_kinds(layers: Mapping[str, Any]) -> None:
     """Each ``layers`` entry's ``kind`` is a kind the layer factory builds, after importing the
     entry's ``module`` (a kind outside kron) if it names one (surgery checks the rest of the
     entry against the model)."""
-    from kron.layers.errors import FactorizationError
-    from kron.layers.kinds import import_kind_module, layer_kinds
+    from kron.layers.kinds import layer_kinds
+    from kron.plugins import import_plugin
 
     for pattern, entry in layers.items():
         if isinstance(entry, Mapping) and "module" in entry:
-            try:
-                import_kind_module(entry["module"], f"layers.{pattern}")
-            except FactorizationError as err:
-                raise ConfigError(str(err)) from None
+            import_plugin(entry["module"], f"layers.{pattern}", ConfigError)
         if isinstance(entry, Mapping) and "kind" in entry:
             _check_value(f"layers.{pattern}.kind", entry["kind"],
                          Annotated[str, OneOf(layer_kinds)])

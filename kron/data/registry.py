@@ -27,6 +27,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from kron.errors import ConfigError
+from kron.plugins import import_plugin
 
 #: ``build(cfg, split, transform)``: the ``train`` or ``test`` dataset of a checked, plain data
 #: config, its items passed through ``transform`` (None: raw items)
@@ -86,12 +87,7 @@ def dataset_entry(values: Mapping[str, Any], key: str = "data") -> DatasetEntry:
     """The registered dataset data config ``values`` names, after importing its ``module`` if
     it names one; an unknown name or an unimportable module is one :class:`ConfigError`."""
     if "module" in values:
-        module = values["module"]
-        try:
-            import_module(str(module))
-        except ImportError as err:
-            raise ConfigError(f"{key}.module: cannot import {module!r} ({err}); put the folder "
-                              "holding it on PYTHONPATH") from None
+        import_plugin(values["module"], key, ConfigError)
     names = dataset_names()
     if "name" not in values:
         raise ConfigError(f"{key}.name: missing required key")

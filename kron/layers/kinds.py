@@ -15,8 +15,8 @@ and refuses a rank it cannot build with a ``ValueError``; a linear class likewis
 ``ranks``) register their own ``setting`` / ``search`` (and kron its own ``fit``). ``dense`` is
 not registered: it is the layer itself. kron's own kinds register in
 :mod:`kron.layers.builtin_kinds`; a kind outside kron names its module in the layers YAML entry
-(``module: <importable module>``), imported by :func:`import_kind_module` before the kind is
-looked up.
+(``module: <importable module>``), imported by :func:`kron.plugins.import_plugin` before the
+kind is looked up.
 """
 
 from __future__ import annotations
@@ -128,13 +128,3 @@ def layer_kind(name: str) -> LayerKind:
         raise FactorizationError(f"unknown layer kind {name!r}; kinds: {list(layer_kinds())} (a "
                                  "kind outside kron: set module: to the module registering it)")
     return kind
-
-
-def import_kind_module(module: Any, where: str = "layers") -> None:
-    """Import ``module``, the module a layers entry names as registering its kind; one that
-    cannot be imported is a one-line :class:`FactorizationError`."""
-    try:
-        import_module(str(module))
-    except ImportError as err:
-        raise FactorizationError(f"{where}.module: cannot import {module!r} ({err}); put the "
-                                 "folder holding it on PYTHONPATH") from None

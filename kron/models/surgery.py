@@ -32,9 +32,10 @@ from torch import nn
 
 from kron.layers.errors import FactorizationError
 from kron.layers.factory import describe, detail, factorize, relative_fit_error, validate_request
-from kron.layers.kinds import import_kind_module, layer_kinds
+from kron.layers.kinds import layer_kinds
 from kron.measure import count_params, layer_macs, linear_macs
 from kron.models.attention import ProjectedMultiheadAttention
+from kron.plugins import import_plugin
 
 #: ``module``: a module to import that registers ``kind`` (a kind outside kron)
 SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation",
@@ -163,7 +164,7 @@ def _check_entry(pattern: str, entry: dict) -> None:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid keys: "
                          f"{sorted(SPEC_KEYS)}")
     if "module" in entry:
-        import_kind_module(entry["module"], where)
+        import_plugin(entry["module"], where, FactorizationError)
     if "kind" not in entry:
         raise ValueError(f"{where}: no 'kind'; add one of kind: {', '.join(layer_kinds())}")
     validate_request(entry["kind"], label=where, **_settings(entry))

@@ -16,6 +16,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def input_shape(data: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of one input of the data config ``data`` (square inputs)."""
+    size = int(data["input_size"])
+    return int(data["in_channels"]), size, size
+
+
 @dataclass(frozen=True)
 class SetupSettings:
     """How the job runs: device, seed, numerics, threads (``batch_size``: the global batch,
@@ -48,8 +54,7 @@ class DataSettings:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one input."""
-        size = int(self.config["input_size"])
-        return int(self.config["in_channels"]), size, size
+        return input_shape(self.config)
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,9 @@ class ModelSettings:
         """From a resolved training config (plain mapping); also rebuilds a run's net from its
         recorded config (kron/model_source.py, kron/bench_deploy.py)."""
         data = config["data"]
-        size = int(data["input_size"])
         return cls(dict(config["model"]), copy.deepcopy(dict(config["layers"] or {})),
                    config["implementation"], config["init_from"], bool(config["layers_strict"]),
-                   int(data["num_classes"]), (int(data["in_channels"]), size, size))
+                   int(data["num_classes"]), input_shape(data))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Accuracy/cost trade-off plots with error bars and the Pareto front (matplotlib, headless).
 
 Error is plotted against parameters (fewer is better) and against measured speedup (more is
-better), at the latency batch and, when the runs measured one, at the throughput batch. Each row is one point at its seeds' mean, with error bars of one sample standard
-deviation (error, and speedup, which varies between runs) when two or more seeds finished;
-families have distinct markers, and the rows no other row beats on both axes (by their means)
-are joined by the front line. The frontier plots (:func:`frontier_figure`) draw one line per
+better), at the latency batch and, when the runs measured one, at the throughput batch. Each
+row is one point at its seeds' mean, with error bars of one sample standard deviation (error,
+and speedup, which varies between runs) when two or more seeds finished; families have
+distinct markers, and the rows no other row beats on both axes (by their means) are joined by
+the front line. The frontier plots (:func:`frontier_figure`) draw one line per
 family through its budgets instead.
 """
 
