@@ -29,11 +29,9 @@ STYLE = {  # family -> marker, colour, legend label
 #: (row key, file name, x label, more is better, log x); speedups are measured, never modelled
 PLOTS = (("params", "error_vs_params", "parameters (log scale)", False, True),
          ("speedup", "error_vs_speedup",
-          "measured inference speedup over the dense twin at the latency batch "
-          "(measure.batch_size) (x)", True, False),
+          "measured speedup over the dense twin, latency batch (x)", True, False),
          ("throughput_speedup", "error_vs_throughput_speedup",
-          "measured inference speedup over the dense twin at the throughput batch "
-          "(measure.throughput_batch_size) (x)", True, False))
+          "measured speedup over the dense twin, throughput batch (x)", True, False))
 SPEEDUPS = ("speedup", "throughput_speedup")
 
 
