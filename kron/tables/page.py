@@ -32,6 +32,7 @@ import yaml
 
 from kron.fileio import atomic_write_text
 from kron.paths import EXPERIMENTS_DIR
+from kron.tables.plots import PLOT_FILES
 from kron.tables.results import RESULTS, collect, run_dir, table_dir
 from kron.tables.run import pending, run_table
 from kron.tables.spec import Table, load_table
@@ -40,9 +41,7 @@ PAGES_DIR = EXPERIMENTS_DIR / "pages"
 PAGE_KEYS = {"name", "title", "page", "records", "hours", "machine", "plan", "sections"}
 SECTION_KEYS = {"table", "seeds", "overrides", "frontier"}
 FRONTIER_KEYS = {"families", "param_ratios", "mac_ratios", "layers"}
-COPIED = ("table.md", "table.csv", "runs.csv", "error_vs_params.png", "error_vs_speedup.png",
-          "error_vs_throughput_speedup.png", "frontier_params.png", "frontier_speedup.png",
-          "frontier_throughput_speedup.png")
+COPIED = ("table.md", "table.csv", "runs.csv", *PLOT_FILES)
 
 
 @dataclass(frozen=True)

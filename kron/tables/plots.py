@@ -35,6 +35,17 @@ PLOTS = (("params", "error_vs_params", "parameters (log scale)", False, True),
 SPEEDUPS = ("speedup", "throughput_speedup")
 
 
+def plot_name(name: str, frontier: bool) -> str:
+    """The file stem of a plot of :data:`PLOTS`: ``error_vs_*``, or ``frontier_*`` for the
+    frontier's one-line-per-family version."""
+    return name.replace("error_vs", "frontier") if frontier else name
+
+
+#: every plot file a rendered table or frontier can hold (PNG; each has a PDF twin)
+PLOT_FILES = tuple(f"{plot_name(name, frontier)}.png"
+                   for frontier in (False, True) for _, name, *_ in PLOTS)
+
+
 def pareto_front(points: Sequence[tuple[float, float]], maximize_x: bool = False) -> list[int]:
     """Indices of the points no other point dominates (error ``y`` minimised; ``x`` minimised,
     or maximised with ``maximize_x``), sorted by ``x``."""
@@ -158,8 +169,8 @@ def save_figure(fig, path: str | Path) -> list[Path]:
     return written
 
 
-def _plot_pair(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
-               frontier: bool) -> list[Path]:
+def _plot_all(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
+              frontier: bool) -> list[Path]:
     written = []
     for key, name, xlabel, maximize_x, log_x in PLOTS:
         if key == "throughput_speedup" and not any(m.get(key) is not None for m in rows):
@@ -167,21 +178,20 @@ def _plot_pair(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str,
         if frontier:
             fig = frontier_figure(rows, key, title=title, xlabel=xlabel, log_x=log_x,
                                   vline=maximize_x)
-            name = name.replace("error_vs", "frontier")
         else:
             fig = tradeoff_figure(rows, key, title=title, xlabel=xlabel, maximize_x=maximize_x,
                                   log_x=log_x)
-        written += save_figure(fig, Path(outdir) / f"{name}.png")
+        written += save_figure(fig, Path(outdir) / f"{plot_name(name, frontier)}.png")
     return written
 
 
 def plot_table(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
     """The plots of a rendered table: ``error_vs_params``, ``error_vs_speedup`` and, when
     some run measured a throughput batch, ``error_vs_throughput_speedup``."""
-    return _plot_pair(rows, outdir, title, frontier=False)
+    return _plot_all(rows, outdir, title, frontier=False)
 
 
 def plot_frontier(rows: Sequence[dict[str, Any]], outdir: str | Path, title: str) -> list[Path]:
     """The frontier's plots: ``frontier_params``, ``frontier_speedup`` and, when some run
     measured a throughput batch, ``frontier_throughput_speedup``."""
-    return _plot_pair(rows, outdir, title, frontier=True)
+    return _plot_all(rows, outdir, title, frontier=True)
