@@ -114,3 +114,56 @@ def test_choose_terms_takes_the_largest_fit_and_names_the_smallest_achievable_ra
     smallest = min(p for p, _ in brute.values()) / 512
     with pytest.raises(ValueError, match=f"smallest achievable: param_ratio={smallest:.4g}"):
         choose_terms(fc, param_ratio=smallest * 0.99)
+
+
+def _brute_square_channels_conv(f: int, c: int, k: int, budget: float
+                                ) -> dict[tuple[int, ...], int]:
+    """A shape -> params of every ``square_channels`` candidate of a k x k conv within a
+    parameter budget, counted by hand: A ``(f1, c1, 1, 1)``, B ``(f/f1, c/c1, k, k)``, each
+    channel split at least 2 on both factors."""
+    out = {}
+    for f1, c1 in itertools.product(range(2, f // 2 + 1), range(2, c // 2 + 1)):
+        if f % f1 or c % c1:
+            continue
+        params = f1 * c1 + (f // f1) * (c // c1) * k * k
+        if params <= budget * f * c * k * k:
+            out[(f1, c1, 1, 1)] = params
+    return out
+
+
+def test_square_channels_rule_takes_the_largest_channel_split_fit():
+    conv = nn.Conv2d(32, 64, 3, padding=1)  # F 64, C 32
+    budget = 0.1
+    brute = _brute_square_channels_conv(64, 32, 3, budget)
+    most = max(brute.values())
+    terms = choose_terms(conv, param_ratio=budget, input_hw=(8, 8), shape_rule="square_channels")
+    assert len(terms) == 1 and brute[terms[0]] == most
+    # the tie among the largest fits (f1 * c1 = 16) goes to the squarest channel blocks: A 4x4
+    # (B 16x8) beats A 2x8 (B 32x4) and A 8x2 (B 8x16)
+    assert [s for s, p in brute.items() if p == most] == [(2, 8, 1, 1), (4, 4, 1, 1),
+                                                         (8, 2, 1, 1)]
+    assert terms == [(4, 4, 1, 1)]
+    # the default rule takes a shape that splits the kernel, which this rule never does
+    assert choose_terms(conv, param_ratio=budget, input_hw=(8, 8))[0][2:] != (1, 1)
+    # surgery's budget search (the factory) and choose_terms agree
+    from kron.layers import factorize
+
+    layer = factorize(conv, "kron", param_ratio=budget, shape_rule="square_channels",
+                      input_shape=(1, 32, 8, 8))
+    assert [tuple(t) for t in layer.terms] == terms
+
+
+def test_shape_rule_refusals_name_the_problem():
+    from kron.layers import FactorizationError, factorize
+
+    conv = nn.Conv2d(64, 32, 3)
+    with pytest.raises(FactorizationError, match=r"shape_rule must be one of \['most_params'"):
+        choose_terms(conv, param_ratio=0.1, shape_rule="squares")
+    with pytest.raises(FactorizationError, match="shape_rule.*kind 'lowrank' has none"):
+        factorize(nn.Linear(8, 8), "lowrank", param_ratio=0.5, shape_rule="most_params")
+    with pytest.raises(FactorizationError, match="goes with a 'param_ratio'"):
+        factorize(conv, "kron", terms=[(2, 2, 1, 1)], shape_rule="square_channels")
+    # a layer with a prime channel count has no channel split both ways
+    with pytest.raises(FactorizationError, match="allowed by shape_rule=square_channels"):
+        factorize(nn.Conv2d(7, 8, 3), "kron", param_ratio=0.5, shape_rule="square_channels",
+                  input_shape=(1, 7, 8, 8))

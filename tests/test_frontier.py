@@ -18,6 +18,7 @@ from kron.tables.frontier import (
     base_config,
     base_overrides,
     best_per_budget,
+    KRON_SHAPE_RULE,
     family_spec,
     feasible,
     frontier_markdown,
@@ -54,6 +55,18 @@ def test_families_replace_every_swappable_layer_at_the_budget(tmp_path):
     assert why is not None and "param_ratio" in why
     with pytest.raises(ValueError, match="unknown family"):
         family_spec("sparse", layers, "param_ratio", 0.1)
+    # the Kronecker shape rule is part of the spec (a record made under another rule is
+    # stale), on the Kronecker entries only
+    assert {e["shape_rule"] for e in family_spec("kron", layers, "param_ratio", 0.1).values()} \
+        == {KRON_SHAPE_RULE}
+    ruled = family_spec("kron", layers, "param_ratio", 0.1, "most_params")
+    assert {e["shape_rule"] for e in ruled.values()} == {"most_params"}
+    assert all("shape_rule" not in e
+               for e in family_spec("tucker", layers, "param_ratio", 0.1).values())
+    square = {r.name: r.detail for r in apply_surgery(
+        build_model_from_config(cfg.model, 10, 3, 32),
+        family_spec("kron", layers, "param_ratio", 0.1), (1, 3, 32, 32))}
+    assert all(d.endswith("x1x1") for n, d in square.items() if "conv" in n), square
     with pytest.raises(ValueError, match="neither a table"):
         base_overrides("nope", [])
     with pytest.raises(ValueError, match="sets the preset and layers"):

@@ -14,7 +14,13 @@ from kron.layers.kinds import (
 from kron.layers.kron_conv import KronConv2d
 from kron.layers.kron_linear import KronLinear
 from kron.layers.lowrank import CPConv2d, LowRankLinear, SeparableConv2d, TuckerConv2d
-from kron.layers.shapes import Factorization, choose_terms, factorizations, kron_term_shapes
+from kron.layers.shapes import (
+    SHAPE_RULES,
+    Factorization,
+    choose_terms,
+    factorizations,
+    kron_term_shapes,
+)
 
 __all__ = [
     "KronLinear",
@@ -28,6 +34,7 @@ __all__ = [
     "factorizations",
     "kron_term_shapes",
     "choose_terms",
+    "SHAPE_RULES",
     "nearest_kronecker",
     "fit_kronecker_sum",
     "kron_compose",

@@ -9,7 +9,6 @@ A shape with the most parameters within it (Kronecker rank = copies of it), and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,27 +82,30 @@ def _per_group(module: nn.Module) -> nn.Module:
 
 
 def _kron_search(module: nn.Module, budget: Budget, rank: int | None,
-                 build: Callable[..., nn.Module], label: str) -> Setting:
-    """The single-shape rank-``rank`` terms with the most parameters within ``budget``."""
-    from kron.layers.shapes import factorizations
+                 build: Callable[..., nn.Module], label: str,
+                 shape_rule: str = "most_params") -> Setting:
+    """The single-shape rank-``rank`` terms ``shape_rule`` prefers within ``budget``
+    (:data:`kron.layers.shapes.SHAPE_RULES`; default: the most parameters)."""
+    from kron.layers.shapes import check_shape_rule, factorizations, preferred
 
+    check_shape_rule(shape_rule, label)
     rank = 1 if rank is None else int(rank)
     proxy = _per_group(module)
     exact_macs = isinstance(module, nn.Linear) or not isinstance(module.padding, str)
     hw = budget.input_shape[-2:] if budget.input_shape and exact_macs and isinstance(
         module, nn.Conv2d) else None
     cands = factorizations(proxy, input_hw=hw, rank=rank)
-    if not cands:
+    allowed = preferred(cands, shape_rule)
+    if not allowed:
+        rule = "" if shape_rule == "most_params" else f" allowed by shape_rule={shape_rule}"
         raise FactorizationError(
-            f"{label}: no non-trivial rank-{rank} Kronecker split of a weight of shape "
-            f"{tuple(proxy.weight.shape)} (blocker: shape); leave it dense or use kind lowrank "
-            "/ tucker")
+            f"{label}: no non-trivial rank-{rank} Kronecker split{rule} of a weight of shape "
+            f"{tuple(proxy.weight.shape)} (blocker: shape); leave it dense"
+            + (", use shape_rule=most_params" if rule else "") + " or use kind lowrank / tucker")
+    cands = sorted(allowed, key=lambda f: (f.params, f.a_shape))
     smallest = build((cands[0].a_shape,) * rank)  # refusals here are not about the budget
 
-    def balance(f: Any) -> float:
-        return abs(math.log(math.prod(f.a_shape)) - math.log(math.prod(f.b_shape)))
-
-    for f in sorted(cands, key=lambda f: (-f.params, balance(f))):
+    for f in allowed:
         if budget.param_ratio is not None and f.param_ratio > budget.param_ratio * (1 + 1e-12):
             continue
         if budget.mac_ratio is not None and f.mac_ratio is not None \

@@ -42,6 +42,7 @@ from kron.layers.budget import Budget, largest_rank
 from kron.layers.builtin_kinds import FIT_SWEEPS, Setting
 from kron.layers.errors import FactorizationError
 from kron.layers.kinds import LayerKind, conv_kinds, layer_kind, layer_kinds, linear_kinds
+from kron.layers.shapes import check_shape_rule
 
 INITS = ("scratch", "dense", "fit")
 # KINDS, LINEAR_KINDS, CONV_KINDS: computed by __getattr__ below (a static linter cannot see them)
@@ -77,8 +78,8 @@ def describe(module: nn.Module) -> str:
 
 def validate_request(kind: str, *, init: str = "scratch", implementation: str = "auto",
                      terms: Any = None, rank: Any = None, ranks: Any = None,
-                     param_ratio: Any = None, mac_ratio: Any = None, label: str = "layer"
-                     ) -> None:
+                     param_ratio: Any = None, mac_ratio: Any = None, label: str = "layer",
+                     shape_rule: Any = None) -> None:
     """Check a request without a layer (typos and contradictions, whatever it is applied to)."""
     kinds = layer_kinds()
     if kind not in kinds:
@@ -108,6 +109,14 @@ def validate_request(kind: str, *, init: str = "scratch", implementation: str = 
     if entry.knob == "terms" and terms is not None and rank is not None:
         raise FactorizationError(f"{label}: 'rank' with 'terms' is ambiguous: repeat an A shape "
                                  "in terms for Kronecker rank (rank goes with a budget)")
+    if shape_rule is not None:
+        if entry.knob != "terms":
+            raise FactorizationError(f"{label}: 'shape_rule' picks Kronecker term shapes; kind "
+                                     f"{kind!r} has none: drop it")
+        if not budget:
+            raise FactorizationError(f"{label}: 'shape_rule' goes with a 'param_ratio'/"
+                                     "'mac_ratio' budget, not with explicit 'terms'")
+        check_shape_rule(shape_rule, label)
 
 
 def factorize(
@@ -123,6 +132,7 @@ def factorize(
     implementation: str = "auto",
     input_shape: Sequence[int] | None = None,
     name: str | None = None,
+    shape_rule: str | None = None,
 ) -> nn.Module:
     """The ``kind`` replacement of a dense ``nn.Linear`` / ``nn.Conv2d`` (``kind="dense"``
     returns ``module`` itself), on the dense layer's device and dtype.
@@ -131,13 +141,15 @@ def factorize(
     ``(R_in, R_out)`` or ``rank`` for tucker) or a budget: the largest setting whose weight
     parameters (bias excluded) are within ``param_ratio`` of the dense weight and whose MACs on
     ``input_shape`` are within ``mac_ratio`` of the dense layer's. For kron with a budget,
-    ``rank`` is the Kronecker rank (copies of the one chosen A shape; default 1) and the chosen
-    shape is the one with the most parameters within budget, ties to the most balanced split.
+    ``rank`` is the Kronecker rank (copies of the one chosen A shape; default 1) and
+    ``shape_rule`` picks the shape (:data:`kron.layers.shapes.SHAPE_RULES`; default
+    ``most_params``: the most parameters within budget, ties to the most balanced split).
     ``name`` (the module's name in its net) prefixes error messages.
     """
     label = f"{name} {describe(module)}" if name else describe(module)
     validate_request(kind, init=init, implementation=implementation, terms=terms, rank=rank,
-                     ranks=ranks, param_ratio=param_ratio, mac_ratio=mac_ratio, label=label)
+                     ranks=ranks, param_ratio=param_ratio, mac_ratio=mac_ratio, label=label,
+                     shape_rule=shape_rule)
     if kind == "dense":
         return module
     valid = linear_kinds() if isinstance(module, nn.Linear) else conv_kinds()
@@ -157,7 +169,8 @@ def factorize(
     else:
         budget = Budget.of(module, param_ratio, mac_ratio, input_shape, label)
         if entry.search is not None:
-            setting = entry.search(module, budget, rank, build, label)
+            rule = {} if shape_rule is None else {"shape_rule": shape_rule}
+            setting = entry.search(module, budget, rank, build, label, **rule)
         else:
             setting = largest_rank(build, budget, label, lambda r: f"rank {r}")
     return _realise(module, entry, setting, init, implementation, build, label)

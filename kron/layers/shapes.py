@@ -207,6 +207,49 @@ def within_budget(
             and (mac_ratio is None or (f.mac_ratio is not None and f.mac_ratio <= mac_ratio))]
 
 
+#: how a budget picks a Kronecker shape (docs/design.md, D11). ``most_params``: any
+#: non-trivial shape, the most parameters within budget, ties to the most balanced A/B split.
+#: ``square_channels``: only shapes whose A keeps the kernel whole in B (A's spatial axes 1)
+#: and splits the channels both ways (A and B each at least 2 x 2 channels); the most
+#: parameters within budget, ties to the squarest channel blocks, then the fewest MACs (the
+#: structure of the hand-picked ``A 16x16x1x1`` rows, which train best in docs/results.md).
+SHAPE_RULES = ("most_params", "square_channels")
+
+
+def check_shape_rule(rule: str, label: str = "kron") -> str:
+    """``rule`` if it is one of :data:`SHAPE_RULES`, else a one-line ``FactorizationError``."""
+    if rule not in SHAPE_RULES:
+        raise FactorizationError(f"{label}: shape_rule must be one of {list(SHAPE_RULES)}, "
+                                 f"got {rule!r}")
+    return rule
+
+
+def _square_channels(f: Factorization) -> bool:
+    a, b = f.a_shape, f.b_shape
+    return all(s == 1 for s in a[2:]) and min(a[0], a[1], b[0], b[1]) >= 2
+
+
+def preferred(cands: Sequence[Factorization], rule: str = "most_params"
+              ) -> list[Factorization]:
+    """The candidates ``rule`` allows, best first (see :data:`SHAPE_RULES`); the caller
+    takes the first that fits its budget."""
+    check_shape_rule(rule)
+
+    def balance(f: Factorization) -> float:
+        return abs(math.log(math.prod(f.a_shape)) - math.log(math.prod(f.b_shape)))
+
+    if rule == "most_params":
+        return sorted(cands, key=lambda f: (-f.params, balance(f), f.a_shape))
+    return sorted((f for f in cands if _square_channels(f)),
+                  key=lambda f: (-f.params, _channel_aspect(f), f.macs if f.macs is not None
+                                 else 0, f.a_shape))
+
+
+def _channel_aspect(f: Factorization) -> float:
+    """How far A's and B's channel blocks are from square (0: both square)."""
+    return sum(abs(math.log(s[0] / s[1])) for s in (f.a_shape, f.b_shape))
+
+
 def choose_terms(
     layer: nn.Module,
     *,
@@ -214,26 +257,30 @@ def choose_terms(
     mac_ratio: float | None = None,
     input_hw: Sequence[int] | None = None,
     rank: int = 1,
+    shape_rule: str = "most_params",
 ) -> list[Shape]:
     """The single-shape ``terms`` list (``rank`` copies of one A shape) for a budget.
 
-    Among the shapes :func:`within_budget`, the one with the most parameters wins (most
-    capacity for the budget); ties go to the most balanced A/B split. Raises
-    ``FactorizationError`` if nothing fits, naming the blocker and the smallest achievable
-    ratio.
+    Among the shapes :func:`within_budget`, ``shape_rule`` picks (:data:`SHAPE_RULES`; the
+    default takes the one with the most parameters, ties to the most balanced A/B split).
+    Raises ``FactorizationError`` if nothing fits, naming the blocker and the smallest
+    achievable ratio.
     """
-    fits = within_budget(layer, input_hw, rank=rank, param_ratio=param_ratio,
-                         mac_ratio=mac_ratio)
+    check_shape_rule(shape_rule, type(layer).__name__)
+    fits = preferred(within_budget(layer, input_hw, rank=rank, param_ratio=param_ratio,
+                                   mac_ratio=mac_ratio), shape_rule)
     if not fits:
-        cands = factorizations(layer, input_hw=input_hw, rank=rank)
+        cands = preferred(factorizations(layer, input_hw=input_hw, rank=rank), shape_rule)
         name = type(layer).__name__
         if not cands:
             dims, args = _layer_dims(layer)
             blocker = (f"groups={args.groups} leaves blocks of {dims}"
                        if args is not None and args.groups > 1 else f"its shape {dims}")
+            rule = "" if shape_rule == "most_params" else f" allowed by shape_rule={shape_rule}"
             raise FactorizationError(
-                f"{name}: {blocker} has no non-trivial rank-{rank} Kronecker term; "
-                f"nearest working setting: rank=1 or leave this layer dense")
+                f"{name}: {blocker} has no non-trivial rank-{rank} Kronecker term{rule}; "
+                f"nearest working setting: rank=1"
+                + (", shape_rule=most_params" if rule else "") + " or leave this layer dense")
         best_p = min((f.param_ratio for f in cands), default=float("nan"))
         best_m = min((f.mac_ratio for f in cands if f.mac_ratio is not None), default=None)
         raise FactorizationError(
@@ -241,9 +288,4 @@ def choose_terms(
             f"mac_ratio={mac_ratio}; smallest achievable: param_ratio={best_p:.4g}"
             + (f", mac_ratio={best_m:.4g}" if best_m is not None else "")
         )
-
-    def balance(f: Factorization) -> float:
-        return abs(math.log(math.prod(f.a_shape)) - math.log(math.prod(f.b_shape)))
-
-    best = max(fits, key=lambda f: (f.params, -balance(f)))
-    return [best.a_shape] * rank
+    return [fits[0].a_shape] * rank

@@ -38,7 +38,8 @@ from kron.models.attention import ProjectedMultiheadAttention
 from kron.plugins import import_plugin
 
 #: ``module``: a module to import that registers ``kind`` (a kind outside kron)
-SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "init", "implementation",
+SPEC_KEYS = {"kind", "terms", "rank", "ranks", "param_ratio", "mac_ratio", "shape_rule", "init",
+             "implementation",
              "module"}
 SWAPPED, KEPT, LEFT_DENSE = "swapped", "kept", "left dense"
 NOT_CALLED = ("never called by the probe forward (eval mode): its weight is read directly (e.g. "

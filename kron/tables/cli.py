@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kron.fileio import atomic_write_text
+from kron.layers.shapes import SHAPE_RULES
 from kron.tables import render as R
+from kron.tables.frontier import KRON_SHAPE_RULE
 from kron.tables.plots import plot_frontier, plot_table
 from kron.tables.results import RunResult, collect, collect_wandb, row_dir, table_dir
 from kron.tables.run import run_table
@@ -144,8 +146,9 @@ def cmd_frontier(args: argparse.Namespace) -> int:
                          float)
     families = parse_list(args.families, "--families")
     layers = parse_list(args.layers, "--layers") if args.layers else None
+    rule = {"kron_shape_rule": args.kron_shape_rule} if args.kron_shape_rule else {}
     table, skipped = write_frontier(args.target, families, budgets, key, args.overrides,
-                                    layers, args.out, args.seeds or 1)
+                                    layers, args.out, args.seeds or 1, **rule)
     for s in skipped:
         print(f"left out {s}")
     runs = len(table.rows) * (args.seeds or 1)
@@ -264,6 +267,9 @@ def _add_generators(sub, common, launching) -> None:
     f.add_argument("--layers", help="layer names/globs to swap (default: all but the input "
                                     "and output layers)")
     f.add_argument("--seeds", type=int, help="seeds 0..N-1 per point (default 1)")
+    f.add_argument("--kron-shape-rule", choices=SHAPE_RULES,
+                   help=f"how a budget picks the Kronecker shapes (default {KRON_SHAPE_RULE}; "
+                        "docs/design.md, D11)")
     f.add_argument("--max-runs", type=int, default=60)
     f.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     f.set_defaults(fn=cmd_frontier)

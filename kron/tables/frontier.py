@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from kron.config_compose import compose_train
+from kron.layers.shapes import check_shape_rule
 from kron.tables.aggregate import Stat, separated
 from kron.tables.generated import (
     DENSE_DEFAULTS,
@@ -105,10 +106,17 @@ def swappable(cfg: Any, patterns: Sequence[str] | None = None) -> dict[str, nn.M
     return {n: layers[n] for n in names[1:-1]} if len(names) > 2 else {}
 
 
+#: the Kronecker shape rule a frontier uses unless told otherwise (docs/design.md, D11)
+KRON_SHAPE_RULE = "square_channels"
+
+
 def family_spec(family: str, layers: dict[str, nn.Module], budget_key: str,
-                budget: float) -> dict[str, dict[str, Any]]:
+                budget: float, kron_shape_rule: str = KRON_SHAPE_RULE
+                ) -> dict[str, dict[str, Any]]:
     """The ``layers`` spec of ``family`` at one budget: every layer it applies to, each at
-    ``budget_key`` (param_ratio or mac_ratio) = ``budget``."""
+    ``budget_key`` (param_ratio or mac_ratio) = ``budget``; Kronecker layers with
+    ``shape_rule: kron_shape_rule`` (written into the spec, so a record made under another rule
+    is stale)."""
     if family not in FAMILY_KINDS:
         raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILY_KINDS)}")
     conv_kind, linear_kind = FAMILY_KINDS[family]
@@ -117,6 +125,8 @@ def family_spec(family: str, layers: dict[str, nn.Module], budget_key: str,
         kind = linear_kind if isinstance(layer, nn.Linear) else conv_kind
         if kind is not None:
             spec[name] = {"kind": kind, budget_key: float(budget)}
+            if kind == "kron":
+                spec[name]["shape_rule"] = kron_shape_rule
     return spec
 
 
@@ -140,14 +150,14 @@ def point_id(family: str, budget_key: str, budget: float) -> str:
 
 
 def frontier_points(cfg: Any, chosen: dict[str, nn.Module], families: Sequence[str],
-                    budgets: Sequence[float],
-                    budget_key: str = "param_ratio") -> tuple[list[Point], list[str]]:
+                    budgets: Sequence[float], budget_key: str = "param_ratio",
+                    kron_shape_rule: str = KRON_SHAPE_RULE) -> tuple[list[Point], list[str]]:
     """Each family at each budget (ascending) that surgery can build on the net ``cfg``
     makes, and the points left out, each with its reason."""
     points, skipped = [], []
     for family in families:
         for b in sorted(budgets):
-            spec = family_spec(family, chosen, budget_key, b)
+            spec = family_spec(family, chosen, budget_key, b, kron_shape_rule)
             rid = point_id(family, budget_key, b)
             why = feasible(cfg, spec)
             if why is not None:
@@ -171,14 +181,17 @@ def _check_budgets(budget_key: str, budgets: Sequence[float]) -> None:
 def write_frontier(target: str, families: Sequence[str], budgets: Sequence[float],
                    budget_key: str = "param_ratio", overrides: Sequence[str] = (),
                    layers: Sequence[str] | None = None, out: str | Path | None = None,
-                   seeds: int = 1) -> tuple[Table, list[str]]:
+                   seeds: int = 1, kron_shape_rule: str = KRON_SHAPE_RULE
+                   ) -> tuple[Table, list[str]]:
     """Write the frontier's presets and ``table.yaml``; return the table and the
     points left out (infeasible budgets, each with its reason)."""
     _check_budgets(budget_key, budgets)
+    check_shape_rule(kron_shape_rule, "kron shape rule")
     name, base_over, base_exp = base_overrides(target, overrides)
     cfg = base_config(base_over, base_exp)
     chosen = swappable(cfg, layers)
-    points, skipped = frontier_points(cfg, chosen, families, budgets, budget_key)
+    points, skipped = frontier_points(cfg, chosen, families, budgets, budget_key,
+                                      kron_shape_rule)
     if not points:
         raise ValueError("no family fits any budget: " + "; ".join(skipped))
     gen = GeneratedTable.at(f"frontier_{name}", out, "frontier")

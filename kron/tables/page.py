@@ -40,7 +40,7 @@ from kron.tables.spec import Table, load_table
 PAGES_DIR = EXPERIMENTS_DIR / "pages"
 PAGE_KEYS = {"name", "title", "page", "records", "hours", "machine", "plan", "sections"}
 SECTION_KEYS = {"table", "seeds", "overrides", "frontier"}
-FRONTIER_KEYS = {"families", "param_ratios", "mac_ratios", "layers"}
+FRONTIER_KEYS = {"families", "param_ratios", "mac_ratios", "layers", "kron_shape_rule"}
 COPIED = ("table.md", "table.csv", "runs.csv", *PLOT_FILES)
 
 
@@ -110,8 +110,9 @@ def section_table(section: Section, out: str | Path | None) -> tuple[Table, tupl
     f = section.frontier
     key = "mac_ratio" if f.get("mac_ratios") else "param_ratio"
     budgets = [float(b) for b in f.get(key + "s") or ()]
+    rule = {"kron_shape_rule": f["kron_shape_rule"]} if "kron_shape_rule" in f else {}
     table, _ = write_frontier(section.table, list(f["families"]), budgets, key,
-                              section.overrides, f.get("layers"), out, section.seeds)
+                              section.overrides, f.get("layers"), out, section.seeds, **rule)
     return table, ()
 
 
