@@ -15,10 +15,10 @@ from kron.tables.aggregate import Stat
 from kron.tables.cli import find_table, main
 from kron.tables.frontier import (
     FAMILY_KINDS,
+    KRON_SHAPE_RULE,
     base_config,
     base_overrides,
     best_per_budget,
-    KRON_SHAPE_RULE,
     family_spec,
     feasible,
     frontier_markdown,

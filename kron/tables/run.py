@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kron.paths import CONFIG_DIR
 from kron.tables import renames
+from kron.tables.plan_check import layers_changed
 from kron.tables.results import RESULTS, run_dir, runs_dir
 from kron.tables.spec import Row, Table
 
@@ -55,8 +56,9 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
           launcher: str = "local", seed: int = 0) -> bool:
     """True when the run's results.json was made with other overrides than these, or with a
     config that differs from what these overrides compose to now (an edited preset or base
-    config file). Old names in the record (``experiment=``, see :mod:`kron.tables.renames`)
-    compare as today's."""
+    config file), or when that config's surgery builds other layers today than the record's
+    (a changed shape rule or rank search: :mod:`kron.tables.plan_check`). Old names in the
+    record (``experiment=``, see :mod:`kron.tables.renames`) compare as today's."""
     try:
         saved = json.loads((run_dir(table.name, row, out, seed) / RESULTS).read_text())
     except (OSError, ValueError):
@@ -67,8 +69,11 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
     if saved.get("overrides") is not None and _normal(saved["overrides"]) != _normal(want):
         return True
     now = composed_config(want)
-    return bool(now is not None and isinstance(saved.get("config"), dict)
-                and comparable_config(saved["config"]) != comparable_config(now))
+    if now is None or not isinstance(saved.get("config"), dict):
+        return False
+    if comparable_config(saved["config"]) != comparable_config(now):
+        return True
+    return layers_changed(now, saved.get("surgery"))  # the same config, other shapes today
 
 
 def composed_config(overrides: Sequence[str]) -> dict | None:
