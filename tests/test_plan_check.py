@@ -35,7 +35,8 @@ def test_a_record_whose_layers_differ_from_todays_plan_is_stale(tmp_path):
     conv = next(r for r in record["surgery"] if r["kind"] == "kron")
     conv["detail"] = "terms 16x16x1x1"  # made by code that chose another shape
     _place(table, "kron_c32x16", tmp_path, record)
-    assert stale(table, row, tmp_path)
+    assert stale(table, row, tmp_path) == ("layers changed (today's code builds other shapes "
+                                           "for this config)")
     del record["surgery"]  # a record without surgery rows is not judged by them
     _place(table, "kron_c32x16", tmp_path, record)
     assert not stale(table, row, tmp_path)
@@ -66,3 +67,18 @@ def test_records_without_usable_rows_are_not_judged(recorded):
     cfg = OmegaConf.to_container(compose_train(["preset=svhn_table/kron_m10",
                                                 "model.width=0.25"]), resolve=True)
     assert not layers_changed(cfg, recorded)
+
+
+def test_stale_says_why(tmp_path):
+    table = load_table("svhn_demo")
+    row = table.row("kron_c32x16")
+    record = json.loads(json.dumps(OLD_RECORD))
+    record["config"]["epochs"] = 6
+    _place(table, "kron_c32x16", tmp_path, record)
+    assert stale(table, row, tmp_path) == "config changed (epochs)"
+    record["config"]["optimizer"]["lr"] = 0.5
+    _place(table, "kron_c32x16", tmp_path, record)
+    assert stale(table, row, tmp_path) == "config changed (epochs)"  # the first, in key order
+    record["overrides"][0] = "preset=svhn_table/kron_mixed"
+    _place(table, "kron_c32x16", tmp_path, record)
+    assert stale(table, row, tmp_path) == "overrides changed"

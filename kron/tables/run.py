@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kron.paths import CONFIG_DIR
 from kron.tables import renames
@@ -53,27 +54,45 @@ def job_overrides(table: Table, row: Row, extra: Sequence[str] = (),
 
 
 def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] = (),
-          launcher: str = "local", seed: int = 0) -> bool:
-    """True when the run's results.json was made with other overrides than these, or with a
-    config that differs from what these overrides compose to now (an edited preset or base
-    config file), or when that config's surgery builds other layers today than the record's
-    (a changed shape rule or rank search: :mod:`kron.tables.plan_check`). Old names in the
-    record (``experiment=``, see :mod:`kron.tables.renames`) compare as today's."""
+          launcher: str = "local", seed: int = 0) -> str | None:
+    """Why the run's record no longer stands (None: it does): its results.json was made with
+    other overrides than these, or with a config that differs from what these overrides
+    compose to now (an edited preset or base config file; the first differing key is named),
+    or that config's surgery builds other layers today than the record's (a changed shape rule
+    or rank search: :mod:`kron.tables.plan_check`). Old names in the record (``experiment=``,
+    see :mod:`kron.tables.renames`) compare as today's."""
     try:
         saved = json.loads((run_dir(table.name, row, out, seed) / RESULTS).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     if not isinstance(saved, dict):
-        return False
+        return None
     want = job_overrides(table, row, extra, launcher, seed)
     if saved.get("overrides") is not None and _normal(saved["overrides"]) != _normal(want):
-        return True
+        return "overrides changed"
     now = composed_config(want)
     if now is None or not isinstance(saved.get("config"), dict):
-        return False
-    if comparable_config(saved["config"]) != comparable_config(now):
-        return True
-    return layers_changed(now, saved.get("surgery"))  # the same config, other shapes today
+        return None
+    key = first_difference(comparable_config(saved["config"]), comparable_config(now))
+    if key is not None:
+        return f"config changed ({key})"
+    if layers_changed(now, saved.get("surgery")):  # the same config, other shapes today
+        return "layers changed (today's code builds other shapes for this config)"
+    return None
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The dotted path of the first key where ``old`` and ``new`` differ (None: equal)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{k}" if path else str(k)
+            if k not in old or k not in new:
+                return where
+            hit = first_difference(old[k], new[k], where)
+            if hit is not None:
+                return hit
+        return None
+    return None if old == new else (path or "the whole config")
 
 
 def composed_config(overrides: Sequence[str]) -> dict | None:
@@ -245,7 +264,8 @@ def run_table(table: Table, *, rows: Sequence[str] | None = None, out: str | Pat
             for s in grid_seeds:
                 folder = run_dir(table.name, r, out, s)
                 if (folder / RESULTS).is_file():
-                    why = "redo" if redo else "overrides changed"
+                    why = "redo" if redo else (stale(table, r, out, extra, launcher, s)
+                                               or "stale")
                     print(f"{why} {r.id} seed {s}: old folder moved to {set_aside(folder)}")
         status = subprocess.call(cmd)
         if status:
