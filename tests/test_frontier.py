@@ -174,3 +174,16 @@ def test_tiny_frontier_trains_and_renders(tmp_path, monkeypatch):
     rows = R.metrics(collect(table, tmp_path), "dense")
     assert [m["test_err1"].n for m in rows] == [2, 2, 2]
     assert {m["family"] for m in rows} == {"dense", "kron", "tucker"}
+
+
+def test_the_kron_shape_rule_option_reaches_the_generated_presets(tmp_path, capsys):
+    args = ["frontier", "svhn", "--families", "kron", "--param-ratios", "0.1", "--dry-run",
+            "--out", str(tmp_path), "model.width=0.25"]
+    assert main([*args, "--kron-shape-rule", "most_params"]) == 0
+    preset, = (tmp_path / "tables" / "frontier_svhn").rglob("kron_p0_1.yaml")
+    assert preset.read_text().count("shape_rule: most_params") == 6
+    assert main(args) == 0  # the default rule
+    assert preset.read_text().count(f"shape_rule: {KRON_SHAPE_RULE}") == 6
+    with pytest.raises(SystemExit):
+        main([*args, "--kron-shape-rule", "biggest"])
+    assert "invalid choice: 'biggest'" in capsys.readouterr().err
