@@ -133,3 +133,31 @@ def test_a_row_run_for_another_table_of_the_page_is_borrowed_not_rerun(tiny, mon
         assert json.loads(got.read_text())["test_acc1"] == 90.0 + seed
     assert ("tiny2", ["separable"]) in ran and ("tiny2", ["dense"]) not in ran
 
+
+
+def test_a_stale_record_in_the_outputs_tree_never_replaces_a_committed_one(tiny, monkeypatch,
+                                                                            capsys):
+    """Older code left records in the outputs tree: one of a run whose committed record is
+    current, one of a run with no committed record. Neither reaches the records."""
+    page, table, out = tiny
+    monkeypatch.setattr(P, "run_table", lambda *a, **k: pytest.fail("nothing fits: no run"))
+    left = {}
+    for row, seed in (("dense", 0), ("lowrank_fc", 1)):
+        old = record(table, row, seed, 50.0, 600.0)
+        old["config"]["epochs"] = 99  # composed differently then
+        left[row] = run_dir("tiny", table.row(row), out, seed) / RESULTS
+        left[row].parent.mkdir(parents=True)
+        left[row].write_text(json.dumps(old))
+    committed = Path(page.records) / "tiny" / "runs" / "svhn_table/dense" / "seed0" / RESULTS
+    before = committed.read_bytes()
+    assert P.build(page, out, hours=0.1) == 0
+    assert committed.read_bytes() == before
+    assert left["dense"].read_bytes() == before  # the committed record restored in its place
+    assert [p.name.startswith("seed0.old-") for p in left["dense"].parent.parent.iterdir()
+            ].count(True) == 1
+    assert not (Path(page.records) / "tiny" / "runs" / "svhn_table/lowrank_fc" / "seed1"
+                / RESULTS).exists()
+    said = capsys.readouterr().out
+    assert "dense seed 0: the outputs tree's record is stale (config changed (epochs))" in said
+    assert "lowrank_fc seed 1: not kept (config changed (epochs); it runs again)" in said
+    assert "| Dense | dense | 2 | 90.50 ± 0.71 |" in Path(page.page).read_text()

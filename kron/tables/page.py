@@ -34,7 +34,7 @@ from kron.fileio import atomic_write_text
 from kron.paths import EXPERIMENTS_DIR
 from kron.tables.plots import PLOT_FILES
 from kron.tables.results import RESULTS, collect, run_dir, table_dir
-from kron.tables.run import pending, run_table
+from kron.tables.run import pending, run_table, set_aside, stale
 from kron.tables.spec import Table, load_table
 
 PAGES_DIR = EXPERIMENTS_DIR / "pages"
@@ -128,30 +128,52 @@ def _record(records: Path, table: str, preset: str, seed: int) -> Path | None:
     return next((p for p in sorted(records.glob(f"*/{rel.as_posix()}")) if p.is_file()), None)
 
 
-def restore(table: Table, records: Path, out: str | Path | None, seeds: int) -> int:
-    """Copy committed records back where ``kron-tables run`` finds finished runs; the count."""
+def restore(table: Table, records: Path, out: str | Path | None, seeds: int,
+            extra: Sequence[str] = ()) -> int:
+    """Copy committed records back where ``kron-tables run`` finds finished runs; the count.
+
+    A run already in the outputs tree keeps its record (a finished run not yet kept), unless
+    that record is stale and differs from the committed one (left there by older code): then
+    it is set aside and the committed record takes its place."""
     n = 0
     for row in table.rows:
         for s in range(seeds):
             rec = _record(records, table.name, row.preset, s)
             dst = run_dir(table.name, row, out, s) / RESULTS
-            if rec is not None and not dst.is_file():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(rec, dst)
-                n += 1
+            if rec is None:
+                continue
+            if dst.is_file():
+                if dst.read_bytes() == rec.read_bytes():
+                    continue
+                why = stale(table, row, out, extra, "local", s)
+                if why is None:
+                    continue
+                moved = set_aside(dst.parent)
+                print(f"{table.name}: {row.id} seed {s}: the outputs tree's record is stale "
+                      f"({why}); set aside as {moved}, the committed one restored")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(rec, dst)
+            n += 1
     return n
 
 
-def keep(table: Table, records: Path, out: str | Path | None, seeds: int) -> int:
-    """Copy every finished run's results.json into the records; the count copied."""
+def keep(table: Table, records: Path, out: str | Path | None, seeds: int,
+         extra: Sequence[str] = ()) -> int:
+    """Copy every finished run's results.json into the records; the count copied. A stale
+    record (one the next invocation reruns) is never copied over a committed one."""
     n = 0
     for row in table.rows:
         for s in range(seeds):
             src = run_dir(table.name, row, out, s) / RESULTS
             dst = records / table.name / "runs" / row.preset / f"seed{s}" / RESULTS
-            if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
-                atomic_write_text(dst, src.read_text())
-                n += 1
+            if not src.is_file() or (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+                continue
+            why = stale(table, row, out, extra, "local", s)
+            if why is not None:
+                print(f"{table.name}: {row.id} seed {s}: not kept ({why}; it runs again)")
+                continue
+            atomic_write_text(dst, src.read_text())
+            n += 1
     return n
 
 
@@ -182,7 +204,7 @@ def advance(section: Section, table: Table, extra: Sequence[str], out: str | Pat
             return code, False
         code = run_table(table, rows=[row.id], out=out, extra=extra,
                          seeds=section.seeds) or code
-        kept = keep(table, records, out, section.seeds)
+        kept = keep(table, records, out, section.seeds, extra)
         if kept:
             print(f"{table.name}: {kept} record(s) written under {records / table.name}",
                   flush=True)
@@ -241,8 +263,8 @@ def build(page: Page, out: str | Path | None = None, hours: float | None = None,
     deadline = time.monotonic() + 3600.0 * (page.hours if hours is None else hours)
     records = Path(page.records)
     sections = [(s, *section_table(s, out)) for s in page.sections]
-    for s, table, _ in sections:
-        n = restore(table, records, out, s.seeds)
+    for s, table, extra in sections:
+        n = restore(table, records, out, s.seeds, extra)
         if n:
             print(f"{table.name}: {n} finished run(s) restored from {records / table.name}")
     code, complete = 0, True
@@ -254,7 +276,7 @@ def build(page: Page, out: str | Path | None = None, hours: float | None = None,
         if complete:
             c, complete = advance(s, table, extra, out, deadline, records)
             code = code or c
-        kept = keep(table, records, out, s.seeds)
+        kept = keep(table, records, out, s.seeds, extra)
         if kept:
             print(f"{table.name}: {kept} record(s) written under {records / table.name}")
     if dry_run:
