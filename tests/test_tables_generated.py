@@ -2,7 +2,9 @@
 the point ids) are pinned byte for byte: tests/data/generated_tables.json holds what commit
 f9bb405 wrote for the same command lines, with the output folder written as <OUT> and the
 group's rename applied (``configs/experiment`` -> ``configs/preset``, the row field and the
-``/preset@_here_`` default: the only difference in the files, checked when it was renamed)."""
+``/preset@_here_`` default: the only difference in the files, checked when it was renamed), and
+regenerated once for a deliberate change: frontier Kronecker entries carry ``shape_rule``
+(docs/design.md, D11), which also changes the left-out points' smallest achievable shapes."""
 
 from __future__ import annotations
 
