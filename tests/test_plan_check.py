@@ -78,7 +78,7 @@ def test_stale_says_why(tmp_path):
     assert stale(table, row, tmp_path) == "config changed (epochs)"
     record["config"]["optimizer"]["lr"] = 0.5
     _place(table, "kron_c32x16", tmp_path, record)
-    assert stale(table, row, tmp_path) == "config changed (epochs)"  # the first, in key order
+    assert stale(table, row, tmp_path) == "config changed (epochs)"  # the first, in config order
     record["overrides"][0] = "preset=svhn_table/kron_mixed"
     _place(table, "kron_c32x16", tmp_path, record)
     assert stale(table, row, tmp_path) == "overrides changed"

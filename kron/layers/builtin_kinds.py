@@ -102,8 +102,8 @@ def _kron_search(module: nn.Module, budget: Budget, rank: int | None,
             f"{label}: no non-trivial rank-{rank} Kronecker split{rule} of a weight of shape "
             f"{tuple(proxy.weight.shape)} (blocker: shape); leave it dense"
             + (", use shape_rule=most_params" if rule else "") + " or use kind lowrank / tucker")
-    cands = sorted(allowed, key=lambda f: (f.params, f.a_shape))
-    smallest = build((cands[0].a_shape,) * rank)  # refusals here are not about the budget
+    least = min(allowed, key=lambda f: (f.params, f.a_shape))
+    smallest = build((least.a_shape,) * rank)  # refusals here are not about the budget
 
     for f in allowed:
         if budget.param_ratio is not None and f.param_ratio > budget.param_ratio * (1 + 1e-12):
@@ -114,9 +114,9 @@ def _kron_search(module: nn.Module, budget: Budget, rank: int | None,
         m = try_build(build, (f.a_shape,) * rank)
         if m is not None and budget.meets(m):
             return (f.a_shape,) * rank
-    near = f"{budget.achievable(smallest)} (A {cands[0].a_shape})"
-    mac_best = min((f for f in cands if f.mac_ratio is not None), key=lambda f: f.mac_ratio,
-                   default=None)
+    near = f"{budget.achievable(smallest)} (A {least.a_shape})"
+    mac_best = min((f for f in allowed if f.mac_ratio is not None),
+                   key=lambda f: (f.mac_ratio, f.params, f.a_shape), default=None)
     if budget.mac_ratio is not None and mac_best is not None:
         near += f"; smallest mac_ratio {mac_best.mac_ratio:.4g} (A {mac_best.a_shape})"
     raise FactorizationError(f"{label}: no rank-{rank} Kronecker term meets "

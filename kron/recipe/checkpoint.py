@@ -39,7 +39,9 @@ from kron import distributed
 from kron.errors import CheckpointError, OutputFolderError
 from kron.fileio import atomic_write_stream, atomic_write_text
 from kron.recipe.settings import ResumeSettings
+from kron.tables.run import ABSENT
 from kron.tables.run import comparable_config as tables_comparable
+from kron.tables.run import first_difference as first_leaf_difference
 
 if TYPE_CHECKING:  # the steps and the fit import this module, not the other way round
     from kron.recipe.fit import Training
@@ -228,32 +230,18 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of nested mappings by dotted key (an empty mapping has none)."""
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-_ABSENT = object()
-
-
 def _show(v: Any) -> str:
-    return "(absent)" if v is _ABSENT else json.dumps(v, default=str)
+    return "(absent)" if v is ABSENT else json.dumps(v, default=str)
 
 
 def first_difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
     """The first identity key whose value differs between two resolved configs, phrased as
     ``key=<saved> in the checkpoint, <now> here``; None when they match."""
-    a, b = _flat(identity(saved)), _flat(identity(now))
-    for key in [*b, *(k for k in a if k not in b)]:
-        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if va != vb:
-            return f"{key}={_show(va)} in the checkpoint, {_show(vb)} here"
-    return None
+    hit = first_leaf_difference(identity(saved), identity(now))
+    if hit is None:
+        return None
+    key, va, vb = hit
+    return f"{key}={_show(va)} in the checkpoint, {_show(vb)} here"
 
 
 # ----------------------------------------------------------------------------- resume

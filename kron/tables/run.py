@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,26 +73,39 @@ def stale(table: Table, row: Row, out: str | Path | None, extra: Sequence[str] =
     now = composed_config(want)
     if now is None or not isinstance(saved.get("config"), dict):
         return None
-    key = first_difference(comparable_config(saved["config"]), comparable_config(now))
-    if key is not None:
-        return f"config changed ({key})"
+    hit = first_difference(comparable_config(saved["config"]), comparable_config(now))
+    if hit is not None:
+        return f"config changed ({hit[0]})"
     if layers_changed(now, saved.get("surgery")):  # the same config, other shapes today
         return "layers changed (today's code builds other shapes for this config)"
     return None
 
 
-def first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    """The dotted path of the first key where ``old`` and ``new`` differ (None: equal)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=str):
-            where = f"{path}.{k}" if path else str(k)
-            if k not in old or k not in new:
-                return where
-            hit = first_difference(old[k], new[k], where)
-            if hit is not None:
-                return hit
-        return None
-    return None if old == new else (path or "the whole config")
+#: the value :func:`first_difference` reports for a key one side lacks
+ABSENT = object()
+
+
+def flat_leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of nested mappings by dotted key (an empty mapping has none)."""
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def first_difference(old: Mapping[str, Any], new: Mapping[str, Any]
+                     ) -> tuple[str, Any, Any] | None:
+    """The first leaf whose value differs between two nested configs (in ``new``'s order,
+    then the keys only ``old`` has): ``(dotted key, old value, new value)``, :data:`ABSENT`
+    for a side that lacks it; None when they match."""
+    a, b = flat_leaves(old), flat_leaves(new)
+    for key in [*b, *(k for k in a if k not in b)]:
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if va != vb:
+            return key, va, vb
+    return None
 
 
 def composed_config(overrides: Sequence[str]) -> dict | None:
