@@ -96,6 +96,8 @@ Separated from dense (Δ error points, outside its seed spread): Kron A (+0.88 �
 
 Paper: nowhere.
 
+Ran (read from the run records): 2 epochs; seeds 0, 1.
+
 | Row | Family | n | Top-1 (%) | Error (%) | Δ error | Params | Param. red. | MACs | MAC red. | \
 Speedup (measured) | Speedup, large batch | Paper | Status |
 |:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|:--|
@@ -133,7 +135,8 @@ Not complete: kron_b (partial: 1/2 seeds (seed 1 missing: not run)); lowrank (in
 seed 0 incomplete: stopped after 1/2 epochs; seed 1 failed: no results.json); large (missing: \
 seed 0 missing: not run; seed 1 missing: not run).
 
-Reconstruction choices:
+Reconstruction choices of the declared table (for its full-size data and schedule; where they \
+differ from the Ran line above, these numbers come from the Ran line's setting):
 
 - A hand-written fixture.
 """

@@ -29,6 +29,7 @@ from kron.fileio import atomic_write_text
 from kron.layers.shapes import SHAPE_RULES
 from kron.tables import render as R
 from kron.tables.frontier import KRON_SHAPE_RULE
+from kron.tables.page import DEFAULT_PAGE
 from kron.tables.plots import plot_frontier, plot_table
 from kron.tables.results import RunResult, collect, collect_wandb, row_dir, table_dir
 from kron.tables.run import run_table
@@ -284,8 +285,8 @@ def _add_demo_results(sub, common) -> None:
 
     g = sub.add_parser("results", parents=[common],
                        help="run what a results page lacks (within --hours), render the page")
-    g.add_argument("page", nargs="?", default="results",
-                   help="experiments/pages/<PAGE>.yaml or a path (default: results)")
+    g.add_argument("page", nargs="?", default=DEFAULT_PAGE,
+                   help=f"experiments/pages/<PAGE>.yaml or a path (default: {DEFAULT_PAGE})")
     g.add_argument("--hours", type=float, help="time budget (default: the page's)")
     g.add_argument("--dry-run", action="store_true", help="say what is missing, run nothing")
     g.set_defaults(fn=cmd_results)

@@ -18,6 +18,7 @@ from typing import Any
 
 from kron.tables.aggregate import KEYS, Stat, separated, summarize
 from kron.tables.results import RunResult
+from kron.tables.settings import settings_line
 from kron.tables.spec import PAPER_HEADLINE, Table
 
 DASH = "–"
@@ -252,6 +253,9 @@ def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = 
         out += [against, ""]
     if table.paper:
         out += [f"Paper: {table.paper}.", ""]
+    ran = settings_line(results)
+    if ran:
+        out += [ran, ""]
     out.append("| " + " | ".join(COLUMNS) + " |")
     out.append("|" + "|".join([":--", ":--"] + ["--:"] * 10 + [":--", ":--"]) + "|")
     for m in rows:
@@ -276,7 +280,10 @@ def to_markdown(table: Table, results: Sequence[RunResult], asked: int | None = 
         out += ["", "Not complete: " + "; ".join(
             f"{m['id']} ({m['status']}: {m['reason']})" for m in bad) + "."]
     if table.reconstruction:
-        out += ["", "Reconstruction choices:", ""] + [f"- {s}" for s in table.reconstruction]
+        out += ["", "Reconstruction choices of the declared table" + (
+            " (for its full-size data and schedule; where they differ from the Ran line above, "
+            "these numbers come from the Ran line's setting):" if ran else ":"), ""]
+        out += [f"- {s}" for s in table.reconstruction]
     if table.notes:
         out += ["", "Notes:", ""] + [f"- {s}" for s in table.notes]
     return "\n".join(out) + "\n"
