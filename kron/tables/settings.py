@@ -48,23 +48,22 @@ def _data(configs: Sequence[dict[str, Any]]) -> str | None:
     names = _values(configs, "data.name")
     if not names:
         return None
-    synth = [s for s in _values(configs, "data.synth") if isinstance(s, dict)]
     name = _show(names)
-    if synth:
+    if any(isinstance(s, dict) for s in _values(configs, "data.synth")):
         if not all("synth" in str(n) for n in names):
             name = f"synthetic {name}"
         level = _show(_values(configs, "data.synth.difficulty"))
-        sizes = (_show(_values(configs, "data.synth.n_train"), "{:,}") + " train / "
-                 + _show(_values(configs, "data.synth.n_test"), "{:,}") + " test"
-                 if _values(configs, "data.synth.n_train") else None)
+        n_train = _show(_values(configs, "data.synth.n_train"), "{:,}")
+        n_test = _show(_values(configs, "data.synth.n_test"), "{:,}")
+        sizes = n_train and f"{n_train} train / {n_test} test"
         detail = ", ".join(p for p in (level and f"{level} level", sizes) if p)
     else:
-        detail = ", ".join(p for p in (_show(_values(configs, "data.path")),) if p)
+        detail = _show(_values(configs, "data.path"))
     classes = _show(_values(configs, "data.num_classes"), "{:,}")
     size, chans = _values(configs, "data.input_size"), _values(configs, "data.in_channels")
-    shape = (f"{_show(size, '{0}x{0}')}x{_show(chans)} inputs" if size and chans else None)
+    shape = f"{_show(size, '{0}x{0}')}x{_show(chans)} inputs" if size and chans else None
     tail = ", ".join(p for p in (classes and f"{classes} classes", shape) if p)
-    return (f"data {name}" + (f" ({detail})" if detail else "") + (f", {tail}" if tail else ""))
+    return f"data {name}" + (f" ({detail})" if detail else "") + (f", {tail}" if tail else "")
 
 
 def _net(configs: Sequence[dict[str, Any]]) -> str | None:
@@ -102,7 +101,7 @@ def _optimiser(configs: Sequence[dict[str, Any]]) -> str | None:
                      + (f" after {_show(warm)} warm-up steps" if warm and warm != [0] else ""))
     clip = _values(configs, "grad_clip")
     if clip:
-        parts.append("no gradient clipping" if clip == [0] or clip == [0.0] or clip == [None]
+        parts.append("no gradient clipping" if clip in ([0], [None])  # [0] == [0.0]
                      else f"gradient clipping at {_show(clip, '{:g}')}")
     return ", ".join(parts)
 
